@@ -1,0 +1,16 @@
+"""Recipe in, artifact out: the one function behind `compress run`."""
+
+from __future__ import annotations
+
+from .compile import compile_artifact
+from .handle import load
+from .pass_manager import Pipeline
+from .recipe import Recipe
+
+
+def run_recipe(recipe: Recipe, output, *, force: bool = False, instruments=None, progress=None) -> dict:
+    handle = load(recipe.source, **recipe.export)
+    recipe.export = dict(handle.shapes)  # record the resolved shapes
+    Pipeline(recipe.passes, instruments).run(handle)
+    return compile_artifact(handle, output, recipe.validation, force=force, data=recipe.data,
+                            recipe=recipe.to_dict(), progress=progress)

@@ -1,0 +1,123 @@
+"""Compile a handle into an artifact: capture, lower to ONNX, validate, write the manifest, publish atomically.
+
+Everything is written into a temporary folder beside the output; only when validation passes is it renamed into
+place, so a failed or interrupted build never leaves a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from compressor.runtime.artifact import FORMAT_NAME, FORMAT_VERSION, MANIFEST, hash_folder
+from compressor.runtime.model import make_session
+
+from .capture import capture, graph_stats
+from .errors import UsageError, ValidationFailed
+from .export import OPSET, OUTPUT_NAME, lower_to_onnx
+from .validate import ValidationConfig, validate
+
+MODEL_FILE = "model.onnx"
+
+
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"compressor": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__}
+
+
+def check_output(output: Path, force: bool) -> None:
+    if output.exists():
+        if not force:
+            raise UsageError(f"output '{output}' already exists; choose another folder or pass --force to replace it")
+        if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST).exists():
+            raise UsageError(f"output '{output}' exists and is not an artifact; refusing to replace it even with --force")
+
+
+def export_onnx(handle, folder: Path, dense: bool = False):
+    """Capture the (dense or compressed) program and lower it into folder/model.onnx; returns graph stats."""
+    example = handle.example_inputs()
+    program = capture(handle.program(dense=dense), example)
+    stats = graph_stats(program)
+    lower_to_onnx(program, example, [s.name for s in handle.input_specs()], folder / MODEL_FILE)
+    return stats
+
+
+def compile_artifact(handle, output: str | Path, validation: ValidationConfig | None = None, *, force: bool = False,
+                     data: dict | None = None, recipe: dict | None = None, progress=None) -> dict:
+    """Export, validate and publish the artifact for `handle`; returns the manifest. Raises ValidationFailed (exit 3)."""
+    output = Path(output)
+    validation = validation or ValidationConfig()
+    data = data or {}
+    check_output(output, force)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    step = progress or (lambda msg: None)
+    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+    try:
+        step("capturing dense baseline")
+        dense = graph_stats(capture(handle.program(dense=True), handle.example_inputs()))
+        step("capturing and lowering to ONNX")
+        stats = export_onnx(handle, tmp)
+        for name in handle.adapter.artifact_files():
+            shutil.copy2(Path(handle.adapter.folder) / name, tmp / name)
+        step("validating on held-out inputs")
+        session = make_session(tmp / MODEL_FILE)
+        source = data.get("texts") if handle.adapter.modality == "text" else data.get("images")
+        result = validate(handle, session, validation, source)
+        manifest = build_manifest(handle, dense, stats, result, recipe)
+        manifest["files"] = hash_folder(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if not result["passed"]:
+            raise ValidationFailed("validation failed, nothing published: " + "; ".join(result["failures"]))
+        publish(tmp, output)
+        return manifest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(tmp: Path, output: Path) -> None:
+    """Rename the finished folder into place; an existing artifact is moved aside first and removed after."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{_dt.datetime.now().strftime('%H%M%S%f')}")
+        output.rename(old)
+    tmp.rename(output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build_manifest(handle, dense, stats, validation_result: dict, recipe: dict | None) -> dict:
+    specs = handle.input_specs()
+    hidden = handle.adapter.config.hidden_size
+    return {
+        "format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": handle.source.to_json(),
+        "model": handle.adapter.describe(),
+        "model_file": MODEL_FILE,
+        "opset": OPSET,
+        "shapes": handle.shapes,
+        "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in specs],
+        "outputs": [{"name": OUTPUT_NAME, "shape": [handle.shapes["batch"], hidden], "dtype": "float32"}],
+        "preprocess": handle.adapter.preprocess_config(),
+        "passes": handle.history,
+        "token_plan": {
+            "merges": handle.plan.merges or [0] * handle.num_layers,
+            "proportional_attention": handle.plan.proportional_attention,
+            "token_counts": handle.plan.token_counts(handle.num_tokens, handle.num_layers),
+        },
+        "flops": {"dense": dense.flops, "compressed": stats.flops, "ratio": dense.flops / max(stats.flops, 1)},
+        "params": {"dense": dense.params, "compressed": stats.params},
+        "validation": validation_result,
+        "recipe": recipe,
+        "versions": versions(),
+    }

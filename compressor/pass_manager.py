@@ -1,0 +1,75 @@
+"""The pass manager: runs passes in order, checks the model after each, times each and records the history.
+
+Instruments (after TVM's pass instruments) see every pass before and after it runs: the CLI uses one to show
+progress. Every record goes into the artifact's manifest so a build can be replayed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+import torch
+
+from .capture import capture, graph_stats
+from .errors import CompressorError, UsageError
+from .pass_base import Pass
+
+
+class PassInstrument(Protocol):
+    def before_pass(self, p: Pass, index: int, total: int) -> None: ...
+    def after_pass(self, p: Pass, record: dict) -> None: ...
+
+
+def probe(handle) -> torch.Tensor:
+    with torch.no_grad():
+        return handle.program()(*handle.example_inputs())
+
+
+def check_probe(name: str, out: torch.Tensor, previous: torch.Tensor) -> dict:
+    """Shapes and finiteness must hold; fidelity to the previous step is measured and recorded."""
+    if out.shape != previous.shape:
+        raise CompressorError(f"after pass '{name}' the output shape changed from {tuple(previous.shape)} to {tuple(out.shape)}")
+    if not torch.isfinite(out).all():
+        raise CompressorError(f"after pass '{name}' the model produces non-finite outputs on the probe batch")
+    cos = torch.nn.functional.cosine_similarity(out.double(), previous.double(), dim=-1)
+    return {"cosine_to_previous_mean": float(cos.mean()), "cosine_to_previous_min": float(cos.min())}
+
+
+class Pipeline:
+    def __init__(self, passes: list[Pass], instruments: list[PassInstrument] | None = None):
+        self.passes = list(passes)
+        self.instruments = list(instruments or [])
+
+    def run(self, handle):
+        example = handle.example_inputs()
+        stats = graph_stats(capture(handle.program(), example))
+        previous = probe(handle)
+        for i, p in enumerate(self.passes):
+            missing = set(p.requires) - handle.capabilities
+            if missing:
+                raise UsageError(f"pass '{p.name}' requires {sorted(missing)}, which this model does not have")
+            for ins in self.instruments:
+                ins.before_pass(p, i, len(self.passes))
+            start = time.perf_counter()
+            result = p.run(handle)
+            seconds = time.perf_counter() - start
+            after = graph_stats(capture(handle.program(), example))
+            if not after.static:
+                raise CompressorError(f"after pass '{p.name}' the captured graph has dynamic shapes")
+            out = probe(handle)
+            record = {
+                "name": p.name,
+                "options": p.options(),
+                "seconds": round(seconds, 4),
+                "modified": result.modified,
+                "flops_before": stats.flops, "flops_after": after.flops,
+                "params_before": stats.params, "params_after": after.params,
+                "probe": check_probe(p.name, out, previous),
+                "info": result.info,
+            }
+            handle.history.append(record)
+            for ins in self.instruments:
+                ins.after_pass(p, record)
+            stats, previous = after, out
+        return handle

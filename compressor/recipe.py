@@ -1,0 +1,124 @@
+"""Recipes (TOML): the source model, the passes with their options, export shapes, validation thresholds, data.
+
+    [model]
+    source = "example:minilm"
+    [[passes]]
+    name = "token_merge"
+    r = 8
+    [export]
+    batch = 16
+    seq_len = 128
+    [validation]
+    min_cosine_mean = 0.95
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UsageError
+from .pass_base import Pass, make_pass
+from .validate import ValidationConfig
+
+SECTIONS = {"model", "passes", "export", "validation", "data"}
+EXPORT_KEYS = {"batch", "seq_len", "image_size"}
+DATA_KEYS = {"texts", "images"}
+
+
+@dataclass
+class Recipe:
+    source: str
+    passes: list[Pass] = field(default_factory=list)
+    export: dict = field(default_factory=dict)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    data: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out: dict = {"model": {"source": self.source}}
+        out["passes"] = [{"name": p.name, **{k: v for k, v in p.options().items() if v is not None}} for p in self.passes]
+        out["export"] = dict(self.export)
+        out["validation"] = self.validation.to_json()
+        if self.data:
+            out["data"] = dict(self.data)
+        return out
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+
+def _table(raw: dict, key: str, allowed: set[str], where: str) -> dict:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise UsageError(f"{where}: [{key}] must be a table")
+    unknown = set(value) - allowed
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {sorted(unknown)} in [{key}] (allowed: {sorted(allowed)})")
+    return dict(value)
+
+
+def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
+    unknown = set(raw) - SECTIONS
+    if unknown:
+        raise UsageError(f"{where}: unknown section(s) {sorted(unknown)} (allowed: {sorted(SECTIONS)})")
+    model = _table(raw, "model", {"source"}, where)
+    if not isinstance(model.get("source"), str):
+        raise UsageError(f"{where}: [model] needs source = \"PATH\" or \"example:NAME\"")
+    passes = []
+    entries = raw.get("passes", [])
+    if not isinstance(entries, list):
+        raise UsageError(f"{where}: passes must be an array of tables ([[passes]])")
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise UsageError(f"{where}: each [[passes]] entry needs name = \"PASS\"")
+        options = {k: v for k, v in entry.items() if k != "name"}
+        passes.append(make_pass(entry["name"], options))
+    export = _table(raw, "export", EXPORT_KEYS, where)
+    vraw = _table(raw, "validation", {f.name for f in dataclasses.fields(ValidationConfig)}, where)
+    try:
+        validation = ValidationConfig(**{k: type(getattr(ValidationConfig, k))(v) for k, v in vraw.items()})
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{where}: bad [validation] value ({e})") from None
+    data = _table(raw, "data", DATA_KEYS, where)
+    return Recipe(model["source"], passes, export, validation, data)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"recipe '{path}' does not exist")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"recipe '{path}' is not valid TOML ({e})") from None
+    recipe = recipe_from_dict(raw, where=str(path))
+    source = recipe.source
+    if not source.startswith("example:") and not Path(source).is_absolute():
+        # relative model paths are relative to the recipe file, so recipes travel with their models
+        candidate = (p.parent / source)
+        if candidate.exists():
+            recipe.source = str(candidate)
+    return recipe
+
+
+def parse_pass_spec(spec: str) -> Pass:
+    """CLI form `name:key=value,key=value` (a list value may hold commas inside brackets: r=[4,4,8])."""
+    name, _, rest = spec.partition(":")
+    options, depth, current = {}, 0, ""
+    for ch in rest + ",":
+        if ch == "," and depth == 0:
+            if current.strip():
+                key, eq, value = current.partition("=")
+                if not eq:
+                    raise UsageError(f"--pass {spec}: options are key=value, got '{current}'")
+                options[key.strip()] = value.strip()
+            current = ""
+            continue
+        depth += ch == "["
+        depth -= ch == "]"
+        current += ch
+    return make_pass(name.strip(), options)

@@ -1,0 +1,80 @@
+"""Model sources: a local Hugging Face folder, or `example:NAME` fetched once into the cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from compressor.models import ModelAdapter, adapter_for, supported_model_types
+
+from .errors import UsageError
+from .examples import example_folder
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    spec: str  # what the user wrote: a path or example:NAME
+    folder: str
+    model_type: str
+    weights_file: str
+    weights_sha256: str
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def resolve_folder(spec: str) -> Path:
+    if spec.startswith("example:"):
+        return example_folder(spec.split(":", 1)[1])
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UsageError(f"model path '{spec}' does not exist (give a Hugging Face model folder or example:minilm / example:dinov2-small)")
+    if not path.is_dir() or not (path / "config.json").exists():
+        raise UsageError(f"'{spec}' is not a Hugging Face model folder: no config.json inside")
+    return path
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_model_type(folder: Path, spec: str) -> str:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"'{spec}': config.json is not readable JSON ({e})") from None
+    model_type = config.get("model_type")
+    if adapter_for(model_type or "") is None:
+        raise UsageError(
+            f"'{spec}': no adapter for model type '{model_type}' (supported: {', '.join(supported_model_types())}); "
+            "add one file under models/ to support it"
+        )
+    return model_type
+
+
+def load_source(spec: str) -> tuple[ModelAdapter, SourceInfo]:
+    """Load the model behind `spec` in eval mode, wrapped in its family adapter."""
+    folder = resolve_folder(spec)
+    model_type = read_model_type(folder, spec)
+    weights = next((folder / w for w in WEIGHT_FILES if (folder / w).exists()), None)
+    if weights is None:
+        raise UsageError(f"'{spec}' has no weights ({' or '.join(WEIGHT_FILES)})")
+    from transformers import AutoModel
+
+    try:
+        model = AutoModel.from_pretrained(str(folder), attn_implementation="eager").eval()
+    except Exception as e:  # transformers raises many types for a broken folder
+        raise UsageError(f"'{spec}': transformers could not load the model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapter = adapter_for(model_type)(model, folder)
+    info = SourceInfo(spec, str(folder.resolve()), model_type, weights.name, sha256_file(weights))
+    return adapter, info

@@ -1,0 +1,66 @@
+"""Validation on held-out inputs: the compressed ONNX artifact against the original PyTorch model.
+
+Statistical, because which tokens merge can flip between PyTorch and onnxruntime on near-ties: we report the
+distribution of per-sample cosine similarities and the fraction of samples within tolerance, never one max diff.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from .inputs import feed_batches
+
+
+@dataclass
+class ValidationConfig:
+    samples: int = 64
+    min_cosine_mean: float = 0.95  # compressed ONNX vs original model, mean over samples
+    min_cosine_p5: float = 0.85  # ... 5th percentile
+    agreement_cosine: float = 0.999  # a sample agrees when ONNX vs compressed PyTorch cosine is at least this
+    min_agreement: float = 0.95  # fraction of samples that must agree
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)).clip(min=1e-12)
+
+
+def validate(handle, session, cfg: ValidationConfig, source: str | None = None) -> dict:
+    names = [s.name for s in handle.input_specs()]
+    dense, compressed = handle.program(dense=True), handle.program()
+    ref, ours, onnx_out = [], [], []
+    with torch.no_grad():
+        for batch in feed_batches(handle, "validation", cfg.samples, source):
+            args = tuple(torch.from_numpy(batch[n]) for n in names)
+            ref.append(dense(*args).numpy())
+            ours.append(compressed(*args).numpy())
+            onnx_out.append(session.run(None, batch)[0])
+    ref, ours, onnx_out = (np.concatenate(x) for x in (ref, ours, onnx_out))
+    to_dense = cosine_rows(onnx_out, ref)
+    to_torch = cosine_rows(onnx_out, ours)
+    result = {
+        "samples": int(len(ref)),
+        "data": source or "builtin held-out split",
+        "cosine_to_dense_mean": float(to_dense.mean()),
+        "cosine_to_dense_p5": float(np.percentile(to_dense, 5)),
+        "cosine_to_dense_min": float(to_dense.min()),
+        "onnx_vs_torch_agreement": float((to_torch >= cfg.agreement_cosine).mean()),
+        "onnx_vs_torch_cosine_min": float(to_torch.min()),
+        "thresholds": cfg.to_json(),
+    }
+    failures = []
+    if result["cosine_to_dense_mean"] < cfg.min_cosine_mean:
+        failures.append(f"cosine to dense mean {result['cosine_to_dense_mean']:.4f} < {cfg.min_cosine_mean}")
+    if result["cosine_to_dense_p5"] < cfg.min_cosine_p5:
+        failures.append(f"cosine to dense p5 {result['cosine_to_dense_p5']:.4f} < {cfg.min_cosine_p5}")
+    if result["onnx_vs_torch_agreement"] < cfg.min_agreement:
+        failures.append(f"ONNX/PyTorch agreement {result['onnx_vs_torch_agreement']:.3f} < {cfg.min_agreement}")
+    result["passed"] = not failures
+    result["failures"] = failures
+    return result

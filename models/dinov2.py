@@ -1,0 +1,94 @@
+"""DINOv2 vision transformers: pre-LN blocks with layer scale; the CLS token after the final norm is the embedding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .base import NORMAL, PROTECTED, InputSpec, LayerAdapter, ModelAdapter, multi_head_attention
+
+DEFAULT_PREPROCESS = {"size": [224, 224], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resample": "bicubic"}
+
+
+class Dinov2LayerAdapter(LayerAdapter):
+    def __init__(self, layer: nn.Module, heads: int):
+        super().__init__(layer, heads)
+        att = layer.attention
+        self.q, self.k, self.v, self.o = att.attention.query, att.attention.key, att.attention.value, att.output.dense
+        self.norm1, self.norm2 = layer.norm1, layer.norm2
+        self.scale1, self.scale2 = layer.layer_scale1, layer.layer_scale2
+        if not hasattr(layer.mlp, "fc1"):
+            from compressor.errors import UsageError
+
+            raise UsageError("DINOv2 with a SwiGLU MLP is not supported yet (only the fc1/fc2 MLP of ViT-S/B/L)")
+        self.fc_in, self.fc_out, self.act = layer.mlp.fc1, layer.mlp.fc2, layer.mlp.activation
+
+    def attention(self, x, bias):
+        ctx, metric = multi_head_attention(self.norm1(x), self.q, self.k, self.v, self.heads, bias)
+        return x + self.scale1(self.o(ctx)), metric
+
+    def mlp(self, x):
+        return x + self.scale2(self.fc_out(self.act(self.fc_in(self.norm2(x)))))
+
+
+class Dinov2Adapter(ModelAdapter):
+    family = "dinov2"
+    modality = "image"
+    model_types = ("dinov2",)
+    protected_per_sample = 1  # CLS
+
+    def __init__(self, model, folder):
+        super().__init__(model, folder)
+        self._layers = [Dinov2LayerAdapter(l, self.config.num_attention_heads) for l in model.encoder.layer]
+        cfg = Path(folder) / "preprocessor_config.json"
+        self.preprocess = dict(DEFAULT_PREPROCESS)
+        if cfg.exists():
+            self.preprocess.update({k: v for k, v in json.loads(cfg.read_text()).items() if k in DEFAULT_PREPROCESS})
+        self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    @property
+    def layers(self):
+        return self._layers
+
+    def input_specs(self, shapes):
+        h, w = shapes["image_size"]
+        return [InputSpec("pixel_values", (shapes["batch"], 3, h, w), "float32")]
+
+    def num_tokens(self, shapes):
+        h, w = shapes["image_size"]
+        p = self.config.patch_size
+        return (h // p) * (w // p) + 1
+
+    def position_embeddings(self, h: int, w: int) -> torch.Tensor:
+        """Interpolated once per image size at compile time, so the graph carries a constant instead of a resize."""
+        if (h, w) not in self._pos_cache:
+            emb = self.model.embeddings
+            n = (h // self.config.patch_size) * (w // self.config.patch_size) + 1
+            with torch.no_grad():
+                dummy = torch.zeros(1, n, self.config.hidden_size)
+                self._pos_cache[(h, w)] = emb.interpolate_pos_encoding(dummy, h, w).detach().clone()
+        return self._pos_cache[(h, w)]
+
+    def embed(self, pixel_values):
+        emb = self.model.embeddings
+        b, _, h, w = pixel_values.shape
+        patches = emb.patch_embeddings(pixel_values)
+        x = torch.cat([emb.cls_token.expand(b, -1, -1), patches], dim=1) + self.position_embeddings(h, w)
+        position = torch.arange(x.shape[1])
+        kinds = torch.where(position == 0, PROTECTED, NORMAL).expand(b, -1)
+        return x, kinds
+
+    def final_norm(self, x):
+        return self.model.layernorm(x)
+
+    def pool(self, x, size, kinds):
+        return x[:, 0]
+
+    def reference_forward(self, pixel_values):
+        return self.model(pixel_values=pixel_values).pooler_output
+
+    def preprocess_config(self):
+        return {"kind": "image", **self.preprocess}

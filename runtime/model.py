@@ -1,0 +1,89 @@
+"""A loaded artifact: an onnxruntime session with checked feeds, plus pre-processing helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import FeedError, RuntimeArtifactError
+from .preprocess import ImagePreprocessor, TextPreprocessor
+
+
+def make_session(model_path: Path, providers=None, threads: int | None = None) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    available = ort.get_available_providers()
+    providers = list(providers or ["CPUExecutionProvider"])
+    unknown = [p for p in providers if (p[0] if isinstance(p, tuple) else p) not in available]
+    if unknown:
+        raise RuntimeArtifactError(f"execution provider(s) {unknown} not available here (available: {available})")
+    return ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
+
+
+class CompiledModel:
+    def __init__(self, folder: Path, manifest: dict, providers=None, threads: int | None = None):
+        self.folder = folder
+        self.manifest = manifest
+        self.session = make_session(folder / manifest["model_file"], providers, threads)
+        self.inputs = {i["name"]: i for i in manifest["inputs"]}
+        self.outputs = [o["name"] for o in manifest["outputs"]]
+        self.batch = int(manifest["inputs"][0]["shape"][0])
+        pre = manifest.get("preprocess", {})
+        self.kind = pre.get("kind")
+        self._pre = pre
+        self._preprocessor = None
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one compiled batch; feeds must match the compiled names, shapes and dtypes exactly."""
+        if not isinstance(feeds, dict):
+            raise FeedError("run() takes a dict of input name -> numpy array")
+        missing, extra = set(self.inputs) - set(feeds), set(feeds) - set(self.inputs)
+        if missing or extra:
+            raise FeedError(f"inputs must be exactly {sorted(self.inputs)} (missing {sorted(missing)}, unexpected {sorted(extra)})")
+        for name, spec in self.inputs.items():
+            arr = feeds[name]
+            if not isinstance(arr, np.ndarray):
+                raise FeedError(f"input '{name}' must be a numpy array, got {type(arr).__name__}")
+            if list(arr.shape) != list(spec["shape"]):
+                raise FeedError(f"input '{name}' has shape {list(arr.shape)}; this artifact was compiled for {spec['shape']}")
+            if arr.dtype != np.dtype(spec["dtype"]):
+                raise FeedError(f"input '{name}' has dtype {arr.dtype}; expected {spec['dtype']}")
+        return dict(zip(self.outputs, self.session.run(self.outputs, feeds)))
+
+    def _run_padded(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Split any number of samples into compiled batches, padding the last one, and stack the first output."""
+        n = next(iter(feeds.values())).shape[0]
+        out = []
+        for start in range(0, n, self.batch):
+            chunk = {k: v[start:start + self.batch] for k, v in feeds.items()}
+            short = self.batch - next(iter(chunk.values())).shape[0]
+            if short:
+                chunk = {k: np.concatenate([v, np.repeat(v[-1:], short, axis=0)]) for k, v in chunk.items()}
+            out.append(self.run(chunk)[self.outputs[0]][: self.batch - short])
+        return np.concatenate(out) if out else np.zeros((0,) + tuple(self.manifest["outputs"][0]["shape"][1:]), np.float32)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Embed texts with a text encoder: tokenize, pad/truncate to the compiled length, batch, pool."""
+        if self.kind != "text":
+            raise FeedError("embed() is for text encoders; this artifact is a vision encoder: use embed_images()")
+        if self._preprocessor is None:
+            seq_len = int(self.inputs["input_ids"]["shape"][1])
+            self._preprocessor = TextPreprocessor(self.folder / self._pre["tokenizer"], seq_len, int(self._pre["pad_id"]))
+        return self._run_padded(self._preprocessor(texts))
+
+    def embed_images(self, images) -> np.ndarray:
+        """Embed PIL images or uint8 arrays with a vision encoder (resized and normalised as compiled)."""
+        if self.kind != "image":
+            raise FeedError("embed_images() is for vision encoders; this artifact is a text encoder: use embed()")
+        if self._preprocessor is None:
+            self._preprocessor = ImagePreprocessor(self._pre["size"], self._pre["mean"], self._pre["std"], self._pre.get("resample", "bicubic"))
+        return self._run_padded(self._preprocessor(list(images)))

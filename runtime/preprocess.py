@@ -1,0 +1,57 @@
+"""Pre-processing stored in the artifact: tokenization for text encoders, resize/normalise for vision encoders.
+
+numpy only; `tokenizers` and Pillow are imported when first used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FeedError
+
+
+class TextPreprocessor:
+    def __init__(self, tokenizer_file: Path, seq_len: int, pad_id: int):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self.tokenizer.enable_truncation(max_length=seq_len)
+        self.tokenizer.enable_padding(length=seq_len, pad_id=pad_id)
+        self.seq_len = seq_len
+
+    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise FeedError("embed() takes a list of strings")
+        enc = self.tokenizer.encode_batch(list(texts))
+        ids = np.array([e.ids for e in enc], dtype=np.int64).reshape(len(texts), self.seq_len)
+        mask = np.array([e.attention_mask for e in enc], dtype=np.int64).reshape(len(texts), self.seq_len)
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+class ImagePreprocessor:
+    """Resize to the compiled size, scale to [0, 1], normalise with the stored mean and std, NCHW float32."""
+
+    def __init__(self, size, mean, std, resample: str = "bicubic"):
+        self.size = (int(size[0]), int(size[1]))  # (height, width)
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+        self.resample = resample
+
+    def one(self, image) -> np.ndarray:
+        from PIL import Image
+
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim not in (2, 3):
+                raise FeedError("images given as arrays must be uint8 HxW or HxWxC")
+            image = Image.fromarray(image)
+        if not isinstance(image, Image.Image):
+            raise FeedError(f"expected a PIL image or a uint8 array, got {type(image).__name__}")
+        resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[self.resample]
+        image = image.convert("RGB").resize((self.size[1], self.size[0]), resample)
+        x = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return (x - self.mean) / self.std
+
+    def __call__(self, images) -> dict[str, np.ndarray]:
+        return {"pixel_values": np.stack([self.one(im) for im in images]).astype(np.float32)}
