@@ -77,4 +77,6 @@ def check_shapes(modality: str, shapes: dict) -> dict:
 def load(source: str, **shapes) -> ModelHandle:
     """Load a model source (folder or example:NAME) into a handle with compile shapes (defaults per modality)."""
     adapter, info = load_source(source)
-    return ModelHandle(adapter, info, check_shapes(adapter.modality, shapes))
+    shapes = check_shapes(adapter.modality, shapes)
+    adapter.prepare(shapes)
+    return ModelHandle(adapter, info, shapes)

@@ -85,6 +85,9 @@ class ModelAdapter:
     def num_tokens(self, shapes: dict) -> int:
         raise NotImplementedError
 
+    def prepare(self, shapes: dict) -> None:
+        """Precompute shape-specific constants eagerly, before any capture (tracing must not create them)."""
+
     def embed(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs to (hidden states (B, N, C), token kinds (B, N))."""
         raise NotImplementedError

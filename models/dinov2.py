@@ -62,6 +62,9 @@ class Dinov2Adapter(ModelAdapter):
         p = self.config.patch_size
         return (h // p) * (w // p) + 1
 
+    def prepare(self, shapes):
+        self.position_embeddings(*shapes["image_size"])
+
     def position_embeddings(self, h: int, w: int) -> torch.Tensor:
         """Interpolated once per image size at compile time, so the graph carries a constant instead of a resize."""
         if (h, w) not in self._pos_cache:

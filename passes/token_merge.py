@@ -99,7 +99,7 @@ class TokenMerge(Pass):
         c = handle.adapter.config
         hidden, ffn = c.hidden_size, c.intermediate_size if hasattr(c, "intermediate_size") else int(c.hidden_size * c.mlp_ratio)
         dense_blocks = schedule_flops([0] * layers, tokens, hidden, ffn)
-        measured = graph_stats(capture(handle.program(dense=True), handle.example_inputs())).flops
+        measured = graph_stats(capture(handle.program(dense=True), handle.example_inputs())).flops / handle.shapes["batch"]
         fixed = max(0.0, measured - dense_blocks)
         dense = dense_blocks + fixed
         best = None

@@ -1,0 +1,237 @@
+"""The `compress` command: a thin layer over the Python API.
+
+Exit codes: 0 success, 1 failure, 2 usage or input error, 3 validation failed (no artifact published).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import EXIT_FAILURE, EXIT_OK, CompressorError, UsageError
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True), Console()
+
+
+def _fmt_flops(v: float) -> str:
+    return f"{v / 1e9:.2f} G"
+
+
+def _fmt_params(v: float) -> str:
+    return f"{v / 1e6:.2f} M"
+
+
+# ---------------------------------------------------------------- run
+def cmd_run(args) -> int:
+    from .recipe import Recipe, load_recipe, parse_pass_spec
+
+    if args.recipe:
+        recipe = load_recipe(args.recipe)
+        if args.model:
+            recipe.source = args.model
+        if args.passes:
+            recipe.passes = [parse_pass_spec(s) for s in args.passes]
+    elif args.model:
+        recipe = Recipe(args.model, [parse_pass_spec(s) for s in (args.passes or [])])
+    else:
+        raise UsageError("give a recipe file or --model PATH (with --pass NAME:key=value ...)")
+    for key in ("batch", "seq_len", "image_size"):
+        value = getattr(args, key)
+        if value is not None:
+            recipe.export[key] = value
+    if args.samples is not None:
+        recipe.validation.samples = args.samples
+    err, out = _console()
+    if args.dry_run:
+        out.print(recipe.to_toml(), markup=False, highlight=False)
+        return EXIT_OK
+    if not args.output:
+        raise UsageError("--output DIR is required (where the artifact is written)")
+    from .build import run_recipe
+
+    with err.status("loading model...") as status:
+        manifest = run_recipe(recipe, args.output, force=args.force, instruments=[_PassPrinter(err)],
+                              progress=lambda msg: status.update(f"{msg}..."))
+    _print_summary(out, manifest, args.output)
+    return EXIT_OK
+
+
+class _PassPrinter:
+    def __init__(self, console):
+        self.console = console
+
+    def before_pass(self, p, index, total):
+        self.console.print(f"pass {index + 1}/{total}: {p!r}")
+
+    def after_pass(self, p, record):
+        info = record["info"]
+        if "schedule" in info:
+            self.console.print(f"  schedule (tokens merged per layer): {info['schedule']}")
+            self.console.print(f"  tokens per layer: {info['token_counts']}")
+        ratio = record["flops_before"] / max(record["flops_after"], 1)
+        self.console.print(f"  {record['seconds'] * 1000:.1f} ms, FLOPs {_fmt_flops(record['flops_before'])} -> "
+                         f"{_fmt_flops(record['flops_after'])} ({ratio:.2f}x), probe cosine {record['probe']['cosine_to_previous_mean']:.4f}")
+
+
+def _print_summary(out, manifest: dict, output) -> None:
+    from rich.table import Table
+
+    v = manifest["validation"]
+    t = Table(title=f"artifact {output}")
+    t.add_column("metric")
+    t.add_column("dense", justify="right")
+    t.add_column("compressed", justify="right")
+    t.add_row("FLOPs", _fmt_flops(manifest["flops"]["dense"]), _fmt_flops(manifest["flops"]["compressed"]))
+    t.add_row("params", _fmt_params(manifest["params"]["dense"]), _fmt_params(manifest["params"]["compressed"]))
+    counts = manifest["token_plan"]["token_counts"]
+    t.add_row("tokens in -> out", f"{counts[0]} -> {counts[0]}", f"{counts[0]} -> {counts[-1]}")
+    out.print(t)
+    out.print(f"FLOPs ratio {manifest['flops']['ratio']:.2f}x; validation on {v['samples']} held-out samples: "
+              f"cosine to dense mean {v['cosine_to_dense_mean']:.4f}, p5 {v['cosine_to_dense_p5']:.4f}; "
+              f"ONNX/PyTorch agreement {v['onnx_vs_torch_agreement']:.3f}")
+
+
+# ---------------------------------------------------------------- passes
+def cmd_passes(args) -> int:
+    from rich.table import Table
+
+    import compressor.passes  # noqa: F401
+
+    from .pass_base import REGISTRY, option_table
+
+    _, out = _console()
+    for name, cls in sorted(REGISTRY.items()):
+        t = Table(title=f"{name}: {cls.summary}", title_justify="left")
+        for col in ("option", "type", "default", "meaning"):
+            t.add_column(col)
+        for row in option_table(cls):
+            t.add_row(*row)
+        out.print(t)
+        out.print(f"  requires: {sorted(cls.requires)}  ensures: {sorted(cls.ensures)}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- inspect
+def cmd_inspect(args) -> int:
+    from rich.table import Table
+
+    from .inspect_model import inspect_path
+
+    err, out = _console()
+    with err.status("inspecting..."):
+        info = inspect_path(args.path)
+    if args.json:
+        out.print_json(json.dumps(info))
+        return EXIT_OK
+    t = Table(title=f"{info['kind']}: {args.path}", show_header=False)
+    m = info["model"]
+    t.add_row("family", f"{m['family']} ({m['modality']})")
+    t.add_row("architecture", f"{m['layers']} layers, width {m['hidden_size']}, {m['heads']} heads")
+    t.add_row("inputs", ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in info["inputs"]))
+    if info["kind"] == "artifact":
+        t.add_row("source", info["source"])
+        t.add_row("passes", "; ".join(f"{p['name']} {p['options']}" for p in info["passes"]) or "none")
+        t.add_row("FLOPs", f"{_fmt_flops(info['flops']['dense'])} dense -> {_fmt_flops(info['flops']['compressed'])} ({info['flops']['ratio']:.2f}x)")
+        t.add_row("params", f"{_fmt_params(info['params']['dense'])} -> {_fmt_params(info['params']['compressed'])}")
+        val = info["validation"]
+        t.add_row("validation", f"passed={val['passed']} cosine mean {val['cosine_to_dense_mean']:.4f} p5 {val['cosine_to_dense_p5']:.4f} agreement {val['onnx_vs_torch_agreement']:.3f}")
+    else:
+        t.add_row("params", _fmt_params(info["params"]))
+        t.add_row("FLOPs", f"{_fmt_flops(info['flops'])} at {info['shapes']}")
+    t.add_row("tokens per layer", " -> ".join(str(c) for c in info["token_counts"]))
+    out.print(t)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- bench
+def cmd_bench(args) -> int:
+    from rich.table import Table
+
+    from .bench import bench_artifact
+
+    err, out = _console()
+    with err.status("benchmarking...") as status:
+        result = bench_artifact(args.artifact, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
+                                progress=lambda msg: status.update(f"{msg}..."))
+    t = Table(title=f"{args.artifact}: onnxruntime CPU, {result['threads']} threads, median of {result['repeats']}")
+    for col in ("model", "latency (ms)", "GFLOPs", "speed-up", "FLOPs ratio", "efficiency"):
+        t.add_column(col, justify="right")
+    t.add_row("dense", f"{result['dense_ms']:.2f}", f"{result['dense_flops'] / 1e9:.2f}", "1.00", "1.00", "")
+    t.add_row("compressed", f"{result['compressed_ms']:.2f}", f"{result['compressed_flops'] / 1e9:.2f}",
+              f"{result['speedup']:.2f}", f"{result['flops_ratio']:.2f}", f"{result['efficiency']:.2f}")
+    out.print(t)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        out.print(f"wrote {args.json}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compress", description="Ahead-of-time compression compiler for transformers.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser("run", help="compile a model with a recipe (or --model/--pass) into a verified artifact",
+                         description="Compile a model into a validated ONNX artifact. Exit 3 if validation fails (nothing is published).")
+    run.add_argument("recipe", nargs="?", help="recipe TOML file (see examples/)")
+    run.add_argument("--output", "-o", help="artifact folder to write")
+    run.add_argument("--model", help="model source: a Hugging Face folder or example:minilm / example:dinov2-small (overrides the recipe)")
+    run.add_argument("--pass", dest="passes", action="append", metavar="NAME:K=V,...", help="a pass with options, e.g. token_merge:r=8 (repeatable; replaces the recipe's passes)")
+    run.add_argument("--batch", type=int, help="compiled batch size")
+    run.add_argument("--seq-len", dest="seq_len", type=int, help="compiled sequence length (text)")
+    run.add_argument("--image-size", dest="image_size", type=int, help="compiled square image size (vision)")
+    run.add_argument("--samples", type=int, help="held-out validation samples")
+    run.add_argument("--dry-run", action="store_true", help="print the fully resolved recipe and exit")
+    run.add_argument("--force", action="store_true", help="replace an existing artifact at --output")
+    run.set_defaults(func=cmd_run)
+
+    ps = sub.add_parser("passes", help="list registered passes with their options and defaults")
+    ps.set_defaults(func=cmd_passes)
+
+    ins = sub.add_parser("inspect", help="show a model folder, example or artifact: architecture, params, FLOPs, tokens per layer")
+    ins.add_argument("path", help="model folder, example:NAME, or artifact folder")
+    ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ins.set_defaults(func=cmd_inspect)
+
+    b = sub.add_parser("bench", help="time an artifact against the dense export of its source (same shapes, one run)")
+    b.add_argument("artifact", help="artifact folder")
+    b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    b.add_argument("--repeats", type=int, default=20, help="timed runs per model (default 20)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed runs per model first (default 3)")
+    b.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from compressor.runtime.errors import FeedError, RuntimeArtifactError
+
+    try:
+        return args.func(args)
+    except (CompressorError, RuntimeArtifactError, FeedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", EXIT_FAILURE)
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was published", file=sys.stderr)
+        return 130
+    except OSError as e:  # disk full, permissions: the user's environment, not a bug
+        print(f"error: {e.strerror or e} ({e.filename or ''})", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
