@@ -108,7 +108,7 @@ def build_manifest(handle, dense, stats, validation_result: dict, recipe: dict |
         "shapes": handle.shapes,
         "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in specs],
         "outputs": [{"name": OUTPUT_NAME, "shape": [handle.shapes["batch"], hidden], "dtype": "float32"}],
-        "preprocess": handle.adapter.preprocess_config(),
+        "preprocess": handle.adapter.preprocess_config(handle.shapes),
         "passes": handle.history,
         "token_plan": {
             "merges": handle.plan.merges or [0] * handle.num_layers,

@@ -102,7 +102,7 @@ class ModelAdapter:
         """The pooled output computed by the unmodified transformers model: the ground truth for tests."""
         raise NotImplementedError
 
-    def preprocess_config(self) -> dict:
+    def preprocess_config(self, shapes: dict) -> dict:
         """What the runtime needs to turn raw inputs into feeds (stored in the artifact)."""
         raise NotImplementedError
 

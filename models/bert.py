@@ -80,7 +80,7 @@ class BertAdapter(ModelAdapter):
         kinds = torch.where(attention_mask == 0, PAD, NORMAL)
         return self.pool(hidden, ones, kinds)
 
-    def preprocess_config(self):
+    def preprocess_config(self, shapes):
         return {
             "kind": "text",
             "tokenizer": "tokenizer.json",

@@ -93,5 +93,5 @@ class Dinov2Adapter(ModelAdapter):
     def reference_forward(self, pixel_values):
         return self.model(pixel_values=pixel_values).pooler_output
 
-    def preprocess_config(self):
-        return {"kind": "image", **self.preprocess}
+    def preprocess_config(self, shapes):
+        return {"kind": "image", **self.preprocess, "size": list(shapes["image_size"])}
