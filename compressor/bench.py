@@ -37,7 +37,12 @@ def dense_export(manifest: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{MODEL_FILE}.tmp"
     tmp.mkdir(exist_ok=True)
-    export_onnx(handle, tmp, dense=True)
+    if handle.adapter.modality == "causal_lm":
+        from .export import lower_decoder_to_onnx
+
+        lower_decoder_to_onnx(handle.program(), handle.adapter, tmp / MODEL_FILE)
+    else:
+        export_onnx(handle, tmp, dense=True)
     (tmp / MODEL_FILE).rename(folder / MODEL_FILE)
     tmp.rmdir()
     return folder / MODEL_FILE
@@ -75,6 +80,8 @@ def bench_artifact(path: str | Path, repeats: int = 20, warmup: int = 3, threads
     manifest = read_manifest(path, verify=True)
     step("exporting the dense baseline (cached after the first time)")
     dense_path = dense_export(manifest)
+    if manifest["preprocess"]["kind"] == "causal_lm":
+        return bench_decoder(path, manifest, dense_path, repeats, warmup, threads, step)
     feeds = held_out_batch(manifest)
     sessions = {"dense": make_session(dense_path, threads=threads), "compressed": make_session(path / manifest["model_file"], threads=threads)}
     step(f"timing {repeats} interleaved runs per model")
@@ -99,3 +106,75 @@ def bench_artifact(path: str | Path, repeats: int = 20, warmup: int = 3, threads
         "compressed_flops": manifest["flops"]["compressed"],
         "token_counts": manifest["token_plan"]["token_counts"],
     }
+
+
+def bench_decoder(path: Path, manifest: dict, dense_path: Path, repeats: int, warmup: int, threads: int, step,
+                  prefill_len: int = 512, decode_tokens: int = 64, context: int = 128) -> dict:
+    """Prefill of 1 x prefill_len tokens, and decode_tokens greedy steps after a context, dense vs compressed."""
+    from compressor.runtime.lm import CausalLM
+
+    from .lm_data import held_out_windows
+
+    dense_manifest = dict(manifest, model_file=dense_path.name)
+    models = {"dense": CausalLM(dense_path.parent, dense_manifest, threads=threads),
+              "compressed": CausalLM(path, manifest, threads=threads)}
+    tokenizer = path / manifest["preprocess"]["tokenizer"]
+    window = held_out_windows(tokenizer, prefill_len, 1)[0]
+    prefill = {n: _Call(lambda m=m: m.logits(window)) for n, m in models.items()}
+    step(f"timing prefill of {prefill_len} tokens, {repeats} interleaved runs")
+    t_prefill = time_interleaved(prefill, {}, repeats, warmup)
+    decode = {n: _Call(lambda m=m: list(m.stream(window[:context].tolist(), decode_tokens, stop_on_eos=False)))
+              for n, m in models.items()}
+    step(f"timing {decode_tokens} decode steps after {context} tokens")
+    t_decode = time_interleaved(decode, {}, max(3, repeats // 4), min(warmup, 1))
+    pd, pc = statistics.median(t_prefill["dense"]), statistics.median(t_prefill["compressed"])
+    dd, dc = statistics.median(t_decode["dense"]), statistics.median(t_decode["compressed"])
+    return {
+        "artifact": str(path), "source": manifest["source"]["spec"], "threads": threads, "repeats": repeats,
+        "dense_ms": pd, "compressed_ms": pc, "speedup": pd / pc,
+        "prefill_tokens": prefill_len,
+        "decode_tokens": decode_tokens, "decode_context": context,
+        "decode_dense_ms": dd, "decode_compressed_ms": dc, "decode_speedup": dd / dc,
+        "flops_ratio": manifest["flops"]["ratio"], "efficiency": (pd / pc) / manifest["flops"]["ratio"],
+        "dense_flops": manifest["flops"]["dense"], "compressed_flops": manifest["flops"]["compressed"],
+        "params_dense": manifest["params"]["dense"], "params_compressed": manifest["params"]["compressed"],
+    }
+
+
+class _Call:
+    """Adapts a zero-argument callable to the session-like .run(None, feeds) that time_interleaved calls."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def run(self, _outputs, _feeds):
+        return self.fn()
+
+
+def eval_perplexity(path: str | Path, text_file: str | Path, windows: int | None = None, window_len: int = 512,
+                    threads: int | None = None, progress=None) -> dict:
+    """Perplexity of the dense and the compressed ONNX models on a text file (no special tokens)."""
+    from compressor.runtime.lm import CausalLM
+
+    from .data import read_text_file
+    from .lm_data import perplexity_windows, tokenize_plain
+
+    step = progress or (lambda msg: None)
+    path = Path(path)
+    manifest = read_manifest(path, verify=True)
+    if manifest["preprocess"]["kind"] != "causal_lm":
+        raise UsageError("eval --perplexity needs a language-model artifact")
+    if window_len < 2 or (windows is not None and windows < 1):
+        raise UsageError("eval needs window_len >= 2 and windows >= 1")
+    ids = tokenize_plain(path / manifest["preprocess"]["tokenizer"], ["\n".join(read_text_file(text_file))])
+    chunks = perplexity_windows(ids, window_len, windows)
+    if len(chunks) == 0:
+        raise UsageError(f"'{text_file}' holds {len(ids)} tokens: fewer than one window of {window_len}; lower --window-len")
+    step("exporting the dense baseline (cached after the first time)")
+    dense_path = dense_export(manifest)
+    dense = CausalLM(dense_path.parent, dict(manifest, model_file=dense_path.name), threads=threads)
+    compressed = CausalLM(path, manifest, threads=threads)
+    step(f"perplexity over {len(chunks)} windows of {window_len} tokens")
+    pd, pc = dense.perplexity(chunks), compressed.perplexity(chunks)
+    return {"artifact": str(path), "text": str(text_file), "windows": int(len(chunks)), "window_len": window_len,
+            "perplexity_dense": pd, "perplexity_compressed": pc, "ratio": pc / pd}

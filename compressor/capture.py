@@ -74,5 +74,10 @@ def graph_stats(program: torch.export.ExportedProgram) -> GraphStats:
     used |= set(getattr(sig, "inputs_to_lifted_tensor_constants", {}).values())
     state = dict(program.state_dict)
     state.update(getattr(program, "constants", {}) or {})
-    params = sum(int(state[name].numel()) for name in used if name in state and isinstance(state[name], torch.Tensor))
+    seen, params = set(), 0
+    for name in used:
+        t = state.get(name)
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:  # tied weights count once
+            seen.add(t.untyped_storage().data_ptr())
+            params += int(t.numel())
     return GraphStats(int(flops), int(params), static)

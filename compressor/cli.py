@@ -47,7 +47,7 @@ def cmd_run(args) -> int:
         if value is not None:
             recipe.export[key] = value
     if args.samples is not None:
-        recipe.validation.samples = args.samples
+        recipe.validation["samples"] = args.samples
     err, out = _console()
     if args.dry_run:
         out.print(recipe.to_toml(), markup=False, highlight=False)
@@ -160,6 +160,19 @@ def cmd_bench(args) -> int:
     with err.status("benchmarking...") as status:
         result = bench_artifact(args.artifact, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
                                 progress=lambda msg: status.update(f"{msg}..."))
+    if "decode_speedup" in result:
+        t = Table(title=f"{args.artifact}: onnxruntime CPU, {result['threads']} threads")
+        for col in ("model", f"prefill {result['prefill_tokens']} (ms)", f"decode {result['decode_tokens']} (ms)", "params (M)"):
+            t.add_column(col, justify="right")
+        t.add_row("dense", f"{result['dense_ms']:.1f}", f"{result['decode_dense_ms']:.1f}", f"{result['params_dense'] / 1e6:.1f}")
+        t.add_row("compressed", f"{result['compressed_ms']:.1f}", f"{result['decode_compressed_ms']:.1f}", f"{result['params_compressed'] / 1e6:.1f}")
+        t.add_row("speed-up", f"{result['speedup']:.2f}x", f"{result['decode_speedup']:.2f}x", "")
+        out.print(t)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=2))
+            out.print(f"wrote {args.json}")
+        return EXIT_OK
     t = Table(title=f"{args.artifact}: onnxruntime CPU, {result['threads']} threads, median of {result['repeats']}")
     for col in ("model", "latency (ms)", "GFLOPs", "speed-up", "FLOPs ratio", "efficiency"):
         t.add_column(col, justify="right")
@@ -171,6 +184,22 @@ def cmd_bench(args) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
         out.print(f"wrote {args.json}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- eval
+def cmd_eval(args) -> int:
+    from .bench import eval_perplexity
+
+    err, out = _console()
+    with err.status("evaluating...") as status:
+        result = eval_perplexity(args.artifact, args.perplexity, args.windows, args.window_len, args.threads,
+                                 progress=lambda msg: status.update(f"{msg}..."))
+    out.print(f"perplexity over {result['windows']} windows of {result['window_len']} tokens of {args.perplexity}: "
+              f"dense {result['perplexity_dense']:.3f}, compressed {result['perplexity_compressed']:.3f} "
+              f"({result['ratio']:.2f}x)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
     return EXIT_OK
 
 
@@ -209,6 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=3, help="untimed runs per model first (default 3)")
     b.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
     b.set_defaults(func=cmd_bench)
+
+    e = sub.add_parser("eval", help="language models: perplexity of dense and compressed on a text file")
+    e.add_argument("artifact", help="artifact folder of a language model")
+    e.add_argument("--perplexity", required=True, metavar="TEXTFILE", help="UTF-8 text, tokenized without special tokens")
+    e.add_argument("--windows", type=int, help="at most this many non-overlapping windows (default: all)")
+    e.add_argument("--window-len", dest="window_len", type=int, default=512, help="tokens per window (default 512)")
+    e.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    e.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    e.set_defaults(func=cmd_eval)
     return parser
 
 

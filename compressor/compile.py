@@ -18,9 +18,10 @@ from compressor.runtime.model import make_session
 from .capture import capture, graph_stats
 from .errors import UsageError, ValidationFailed
 from .export import OPSET, OUTPUT_NAME, lower_to_onnx
-from .validate import ValidationConfig, validate
+from .validate import validate, validation_config
 
 MODEL_FILE = "model.onnx"
+HF_FOLDER = "hf"  # language models: the compressed model as a stock transformers folder
 
 
 def versions() -> dict:
@@ -52,27 +53,32 @@ def export_onnx(handle, folder: Path, dense: bool = False):
     return stats
 
 
-def compile_artifact(handle, output: str | Path, validation: ValidationConfig | None = None, *, force: bool = False,
+def compile_artifact(handle, output: str | Path, validation=None, *, force: bool = False,
                      data: dict | None = None, recipe: dict | None = None, progress=None) -> dict:
-    """Export, validate and publish the artifact for `handle`; returns the manifest. Raises ValidationFailed (exit 3)."""
+    """Export, validate and publish the artifact for `handle`; returns the manifest. Raises ValidationFailed (exit 3).
+
+    `validation` is a ValidationConfig / LMValidationConfig or a recipe's raw [validation] table.
+    """
     output = Path(output)
-    validation = validation or ValidationConfig()
+    cfg = validation_config(handle.adapter.modality, validation)
     data = data or {}
     check_output(output, force)
     output.parent.mkdir(parents=True, exist_ok=True)
     step = progress or (lambda msg: None)
     tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
     try:
-        step("capturing dense baseline")
-        dense = graph_stats(capture(handle.program(dense=True), handle.example_inputs()))
-        step("capturing and lowering to ONNX")
-        stats = export_onnx(handle, tmp)
+        step("capturing the dense baseline")
+        dense = handle.baseline or graph_stats(capture(handle.program(dense=True), handle.example_inputs()))
         for name in handle.adapter.artifact_files():
             shutil.copy2(Path(handle.adapter.folder) / name, tmp / name)
-        step("validating on held-out inputs")
-        session = make_session(tmp / MODEL_FILE)
-        source = data.get("texts") if handle.adapter.modality == "text" else data.get("images")
-        result = validate(handle, session, validation, source)
+        if handle.adapter.modality == "causal_lm":
+            stats, result = _compile_decoder(handle, tmp, cfg, step)
+        else:
+            step("capturing and lowering to ONNX")
+            stats = export_onnx(handle, tmp)
+            step("validating on held-out inputs")
+            source = data.get("texts") if handle.adapter.modality == "text" else data.get("images")
+            result = validate(handle, make_session(tmp / MODEL_FILE), cfg, source)
         manifest = build_manifest(handle, dense, stats, result, recipe)
         manifest["files"] = hash_folder(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -82,6 +88,28 @@ def compile_artifact(handle, output: str | Path, validation: ValidationConfig | 
         return manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _compile_decoder(handle, tmp: Path, cfg, step):
+    """Language models: one dynamic-shape graph, a stock transformers folder beside it, validation on held-out text."""
+    from compressor.runtime.lm import CausalLM
+
+    from .export import lower_decoder_to_onnx
+    from .source import load_source
+    from .validate_lm import validate_lm
+
+    step("capturing and lowering the decoder to ONNX")
+    stats = graph_stats(capture(handle.program(), handle.example_inputs()))
+    lower_decoder_to_onnx(handle.program(), handle.adapter, tmp / MODEL_FILE)
+    step("writing the transformers folder")
+    handle.adapter.model.save_pretrained(str(tmp / HF_FOLDER), safe_serialization=True)
+    for name in handle.adapter.artifact_files():
+        shutil.copy2(Path(handle.adapter.folder) / name, tmp / HF_FOLDER / name)
+    step("validating on held-out text")
+    partial = build_manifest(handle, stats, stats, {}, None)
+    lm = CausalLM(tmp, partial)
+    reference, _ = load_source(handle.source.spec if handle.source.spec.startswith("example:") else handle.source.folder)
+    return stats, validate_lm(handle, lm, reference, cfg)
 
 
 def publish(tmp: Path, output: Path) -> None:
@@ -98,6 +126,15 @@ def publish(tmp: Path, output: Path) -> None:
 def build_manifest(handle, dense, stats, validation_result: dict, recipe: dict | None) -> dict:
     specs = handle.input_specs()
     hidden = handle.adapter.config.hidden_size
+    if handle.adapter.modality == "causal_lm":
+        from .export import decoder_io_names
+
+        ad = handle.adapter
+        outputs = [{"name": "logits", "shape": ["batch", "sequence", ad.config.vocab_size], "dtype": "float32"}]
+        outputs += [{"name": n, "shape": ["batch", ad.kv_heads, "total", ad.head_dim], "dtype": "float32"}
+                    for n in decoder_io_names(len(ad.layers))[1][1:]]
+    else:
+        outputs = [{"name": OUTPUT_NAME, "shape": [handle.shapes["batch"], hidden], "dtype": "float32"}]
     return {
         "format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -107,7 +144,7 @@ def build_manifest(handle, dense, stats, validation_result: dict, recipe: dict |
         "opset": OPSET,
         "shapes": handle.shapes,
         "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in specs],
-        "outputs": [{"name": OUTPUT_NAME, "shape": [handle.shapes["batch"], hidden], "dtype": "float32"}],
+        "outputs": outputs,
         "preprocess": handle.adapter.preprocess_config(handle.shapes),
         "passes": handle.history,
         "token_plan": {

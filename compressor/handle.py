@@ -12,7 +12,11 @@ from .errors import UsageError
 from .program import EncoderProgram, TokenPlan
 from .source import SourceInfo, load_source
 
-DEFAULT_SHAPES = {"text": {"batch": 16, "seq_len": 128}, "image": {"batch": 8, "image_size": [224, 224]}}
+DEFAULT_SHAPES = {
+    "text": {"batch": 16, "seq_len": 128},
+    "image": {"batch": 8, "image_size": [224, 224]},
+    "causal_lm": {"batch": 1, "seq_len": 128},  # the probe/capture shape; LM graphs keep batch and lengths dynamic
+}
 
 
 @dataclass
@@ -23,10 +27,15 @@ class ModelHandle:
     plan: TokenPlan = field(default_factory=TokenPlan)
     history: list[dict] = field(default_factory=list)
     probe_inputs: tuple[torch.Tensor, ...] | None = None
+    baseline: object = None  # GraphStats of the model as loaded, set by the first pipeline run
 
     @property
     def capabilities(self) -> set[str]:
-        caps = {"encoder", self.adapter.modality, self.adapter.family}
+        ad = self.adapter
+        caps = {ad.modality, ad.family, f"{ad.norm_placement}_norm"}
+        caps.add("decoder" if ad.modality == "causal_lm" else "encoder")
+        if ad.family == "llama":
+            caps.add("rms_norm")
         if any(self.plan.merges):
             caps.add("token_plan")
         return caps
@@ -39,8 +48,12 @@ class ModelHandle:
     def num_layers(self) -> int:
         return len(self.adapter.layers)
 
-    def program(self, dense: bool = False) -> EncoderProgram:
+    def program(self, dense: bool = False) -> torch.nn.Module:
         """The exportable forward; `dense=True` ignores the token plan (the baseline)."""
+        if self.adapter.modality == "causal_lm":
+            from .decoder_program import DecoderProgram
+
+            return DecoderProgram(self.adapter)
         return EncoderProgram(self.adapter, TokenPlan() if dense else self.plan)
 
     def input_specs(self):
@@ -62,7 +75,7 @@ def check_shapes(modality: str, shapes: dict) -> dict:
         raise UsageError(f"export shape key(s) {sorted(extra)} do not apply to a {modality} model (use {sorted(allowed)})")
     if not isinstance(merged["batch"], int) or merged["batch"] < 1:
         raise UsageError(f"export batch must be a positive integer, got {merged['batch']!r}")
-    if modality == "text" and (not isinstance(merged["seq_len"], int) or not 8 <= merged["seq_len"] <= 512):
+    if modality in ("text", "causal_lm") and (not isinstance(merged["seq_len"], int) or not 8 <= merged["seq_len"] <= 512):
         raise UsageError(f"export seq_len must be an integer in 8..512, got {merged['seq_len']!r}")
     if modality == "image":
         size = merged["image_size"]

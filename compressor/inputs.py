@@ -42,5 +42,11 @@ def feed_batches(handle, part: str, count: int, source: str | None = None) -> li
 
 def make_feeds(handle, part: str = "probe", source: str | None = None) -> tuple[torch.Tensor, ...]:
     """One compiled batch as torch tensors, in input order."""
+    if handle.adapter.modality == "causal_lm":
+        from .decoder_program import prefill_inputs
+        from .lm_data import calibration_windows
+
+        ids = calibration_windows(handle.adapter.tokenizer_file, handle.shapes["batch"], handle.shapes["seq_len"], seed=0)
+        return prefill_inputs(handle.adapter, ids)
     batch = feed_batches(handle, part, handle.shapes["batch"], source)[0]
     return tuple(torch.from_numpy(batch[s.name]) for s in handle.input_specs())

@@ -22,8 +22,10 @@ class PassInstrument(Protocol):
 
 
 def probe(handle) -> torch.Tensor:
+    """The model's main output on the probe batch (logits for language models)."""
     with torch.no_grad():
-        return handle.program()(*handle.example_inputs())
+        out = handle.program()(*handle.example_inputs())
+    return out[0] if isinstance(out, tuple) else out
 
 
 def check_probe(name: str, out: torch.Tensor, previous: torch.Tensor) -> dict:
@@ -44,6 +46,8 @@ class Pipeline:
     def run(self, handle):
         example = handle.example_inputs()
         stats = graph_stats(capture(handle.program(), example))
+        if handle.baseline is None and not handle.history:
+            handle.baseline = graph_stats(capture(handle.program(dense=True), example))
         previous = probe(handle)
         for i, p in enumerate(self.passes):
             missing = set(p.requires) - handle.capabilities

@@ -14,14 +14,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
 from .pass_base import Pass, make_pass
-from .validate import ValidationConfig
+from .validate import VALIDATION_KEYS
 
 SECTIONS = {"model", "passes", "export", "validation", "data"}
 EXPORT_KEYS = {"batch", "seq_len", "image_size"}
@@ -33,14 +32,14 @@ class Recipe:
     source: str
     passes: list[Pass] = field(default_factory=list)
     export: dict = field(default_factory=dict)
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    validation: dict = field(default_factory=dict)  # raw; typed per modality by validation_config()
     data: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         out: dict = {"model": {"source": self.source}}
         out["passes"] = [{"name": p.name, **{k: v for k, v in p.options().items() if v is not None}} for p in self.passes]
         out["export"] = dict(self.export)
-        out["validation"] = self.validation.to_json()
+        out["validation"] = dict(self.validation)
         if self.data:
             out["data"] = dict(self.data)
         return out
@@ -78,11 +77,7 @@ def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
         options = {k: v for k, v in entry.items() if k != "name"}
         passes.append(make_pass(entry["name"], options))
     export = _table(raw, "export", EXPORT_KEYS, where)
-    vraw = _table(raw, "validation", {f.name for f in dataclasses.fields(ValidationConfig)}, where)
-    try:
-        validation = ValidationConfig(**{k: type(getattr(ValidationConfig, k))(v) for k, v in vraw.items()})
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"{where}: bad [validation] value ({e})") from None
+    validation = _table(raw, "validation", VALIDATION_KEYS, where)
     data = _table(raw, "data", DATA_KEYS, where)
     return Recipe(model["source"], passes, export, validation, data)
 

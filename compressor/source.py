@@ -67,14 +67,17 @@ def load_source(spec: str) -> tuple[ModelAdapter, SourceInfo]:
     weights = next((folder / w for w in WEIGHT_FILES if (folder / w).exists()), None)
     if weights is None:
         raise UsageError(f"'{spec}' has no weights ({' or '.join(WEIGHT_FILES)})")
-    from transformers import AutoModel
+    import torch
+    import transformers
 
+    adapter_cls = adapter_for(model_type)
     try:
-        model = AutoModel.from_pretrained(str(folder), attn_implementation="eager").eval()
+        auto = getattr(transformers, adapter_cls.auto_class)
+        model = auto.from_pretrained(str(folder), attn_implementation="eager", dtype=torch.float32).eval()
     except Exception as e:  # transformers raises many types for a broken folder
         raise UsageError(f"'{spec}': transformers could not load the model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     for p in model.parameters():
         p.requires_grad_(False)
-    adapter = adapter_for(model_type)(model, folder)
+    adapter = adapter_cls(model, folder)
     info = SourceInfo(spec, str(folder.resolve()), model_type, weights.name, sha256_file(weights))
     return adapter, info

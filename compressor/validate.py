@@ -64,3 +64,38 @@ def validate(handle, session, cfg: ValidationConfig, source: str | None = None) 
     result["passed"] = not failures
     result["failures"] = failures
     return result
+
+
+def _all_keys() -> set[str]:
+    from dataclasses import fields
+
+    from .validate_lm import LMValidationConfig
+
+    return {f.name for f in fields(ValidationConfig)} | {f.name for f in fields(LMValidationConfig)}
+
+
+VALIDATION_KEYS = _all_keys()
+
+
+def validation_config(modality: str, raw: dict | None):
+    """The typed thresholds for this kind of model from a recipe's [validation] table."""
+    from dataclasses import fields
+
+    from .errors import UsageError
+    from .validate_lm import LMValidationConfig
+
+    cls = LMValidationConfig if modality == "causal_lm" else ValidationConfig
+    if isinstance(raw, cls):
+        return raw
+    raw = dict(raw or {})
+    allowed = {f.name: f.type for f in fields(cls)}
+    wrong = set(raw) - set(allowed)
+    if wrong:
+        raise UsageError(f"[validation] key(s) {sorted(wrong)} do not apply to a {modality} model (use {sorted(allowed)})")
+    values = {}
+    for key, value in raw.items():
+        want = type(getattr(cls, key))
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"[validation] {key} must be a number, got {value!r}")
+        values[key] = want(value)
+    return cls(**values)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from .base import NORMAL, PAD, PROTECTED, InputSpec, LayerAdapter, ModelAdapter
 from .bert import BertAdapter
 from .dinov2 import Dinov2Adapter
+from .llama import LlamaAdapter, LlamaLayerAdapter
 
-ADAPTERS: list[type[ModelAdapter]] = [BertAdapter, Dinov2Adapter]
+ADAPTERS: list[type[ModelAdapter]] = [BertAdapter, Dinov2Adapter, LlamaAdapter]
 
 
 def adapter_for(model_type: str) -> type[ModelAdapter] | None:

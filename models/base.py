@@ -69,6 +69,8 @@ class ModelAdapter:
     modality: str = ""  # "text" or "image"
     model_types: tuple[str, ...] = ()
     protected_per_sample: int = 1  # tokens that never merge, counted for schedule caps
+    auto_class: str = "AutoModel"  # the transformers class that loads the folder
+    norm_placement: str = "post"  # "pre" (norm before attention/MLP) or "post" (after the residual add)
 
     def __init__(self, model: nn.Module, folder):
         self.model = model

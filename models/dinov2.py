@@ -39,6 +39,7 @@ class Dinov2Adapter(ModelAdapter):
     modality = "image"
     model_types = ("dinov2",)
     protected_per_sample = 1  # CLS
+    norm_placement = "pre"
 
     def __init__(self, model, folder):
         super().__init__(model, folder)

@@ -1,7 +1,8 @@
 """token_merge: ToMe bipartite soft matching between each block's attention and MLP, at static shapes.
 
-The schedule (tokens merged per layer) is resolved at compile time from a constant `r`, a per-layer list, or a
-FLOPs `reduction` target; it is capped so a layer never merges protected tokens or more than half of the rest.
+The schedule (tokens merged per layer) is resolved at compile time from `r` (constant, or decaying per layer with
+`decay` < 1 to merge early), a per-layer list, or a FLOPs `reduction` target; it is capped so a layer never
+merges protected tokens or more than half of the rest.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from compressor.pass_base import Pass, PassResult, register
 class TokenMergeConfig:
     r: int | list[int] | None = field(default=None, metadata={"help": "tokens merged per layer: one int for every layer, or a list with one per layer"})
     reduction: float | None = field(default=None, metadata={"help": "target FLOPs reduction in (0, 1), e.g. 0.4; the pass picks the smallest constant r reaching it"})
+    decay: float = field(default=1.0, metadata={"help": "per-layer factor on r: 1 keeps r constant, 0.5 halves it each layer (front-loaded merging)"})
     proportional_attention: bool = field(default=True, metadata={"help": "add log(token size) to attention logits"})
 
     def __post_init__(self):
@@ -27,6 +29,8 @@ class TokenMergeConfig:
             self.r = 8
         if isinstance(self.r, int) and self.r < 0 or isinstance(self.r, list) and any(v < 0 for v in self.r):
             raise ValueError(f"r must be non-negative, got {self.r}")
+        if not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"decay must lie in (0, 1], got {self.decay}")
         if self.reduction is not None and not 0.0 < self.reduction < 1.0:
             raise ValueError(f"reduction must lie strictly between 0 and 1, got {self.reduction}")
 
@@ -45,11 +49,11 @@ def schedule_flops(merges: list[int], tokens: int, hidden: int, ffn: int) -> flo
     return total
 
 
-def constant_schedule(r: int, tokens: int, layers: int, protected: int) -> list[int]:
-    """r at every layer, capped where the remaining tokens cannot give r."""
+def constant_schedule(r: int, tokens: int, layers: int, protected: int, decay: float = 1.0) -> list[int]:
+    """r at the first layer, times `decay` per layer after it, capped where the remaining tokens cannot give it."""
     out, n = [], tokens
-    for _ in range(layers):
-        step = min(r, max_merge(n, protected))
+    for i in range(layers):
+        step = min(int(round(r * decay ** i)), max_merge(n, protected))
         out.append(step)
         n -= step
     return out
@@ -70,9 +74,9 @@ class TokenMerge(Pass):
         if isinstance(cfg.r, list):
             merges = self._checked_list(cfg.r, tokens, layers, protected)
         elif cfg.r is not None:
-            merges = constant_schedule(cfg.r, tokens, layers, protected)
+            merges = constant_schedule(cfg.r, tokens, layers, protected, cfg.decay)
         else:
-            merges = self._for_reduction(handle, cfg.reduction, tokens, layers, protected)
+            merges = self._for_reduction(handle, cfg.reduction, tokens, layers, protected, cfg.decay)
         # the plan composes with an earlier token_merge: merges add up per layer
         previous = handle.plan.merges or [0] * layers
         combined = [a + b for a, b in zip(previous, merges)]
@@ -94,8 +98,8 @@ class TokenMerge(Pass):
             n -= r
         return list(merges)
 
-    def _for_reduction(self, handle, target: float, tokens: int, layers: int, protected: int) -> list[int]:
-        """Smallest constant r whose FLOPs (blocks analytic, the rest measured on the captured graph) meet target."""
+    def _for_reduction(self, handle, target: float, tokens: int, layers: int, protected: int, decay: float) -> list[int]:
+        """Smallest first-layer r whose FLOPs (blocks analytic, the rest measured on the captured graph) meet target."""
         c = handle.adapter.config
         hidden, ffn = c.hidden_size, c.intermediate_size if hasattr(c, "intermediate_size") else int(c.hidden_size * c.mlp_ratio)
         dense_blocks = schedule_flops([0] * layers, tokens, hidden, ffn)
@@ -104,15 +108,15 @@ class TokenMerge(Pass):
         dense = dense_blocks + fixed
         best = None
         for r in range(0, tokens):
-            merges = constant_schedule(r, tokens, layers, protected)
+            merges = constant_schedule(r, tokens, layers, protected, decay)
             got = 1.0 - (schedule_flops(merges, tokens, hidden, ffn) + fixed) / dense
             if got >= target:
                 best = merges
                 break
-            if r > 0 and merges == constant_schedule(r - 1, tokens, layers, protected):
+            if r > 0 and merges == constant_schedule(r - 1, tokens, layers, protected, decay):
                 break  # caps bind everywhere: larger r changes nothing
         if best is None:
-            most = constant_schedule(tokens, tokens, layers, protected)
+            most = constant_schedule(tokens, tokens, layers, protected, decay)
             top = 1.0 - (schedule_flops(most, tokens, hidden, ffn) + fixed) / dense
             raise UsageError(f"token_merge: a FLOPs reduction of {target:.0%} is out of reach; at most {top:.0%} with {tokens} tokens and {layers} layers")
         return best

@@ -32,7 +32,8 @@ class CompiledModel:
         self.session = make_session(folder / manifest["model_file"], providers, threads)
         self.inputs = {i["name"]: i for i in manifest["inputs"]}
         self.outputs = [o["name"] for o in manifest["outputs"]]
-        self.batch = int(manifest["inputs"][0]["shape"][0])
+        first = manifest["inputs"][0]["shape"][0]
+        self.batch = first if isinstance(first, int) else None  # None: a dynamic batch
         pre = manifest.get("preprocess", {})
         self.kind = pre.get("kind")
         self._pre = pre
@@ -53,7 +54,7 @@ class CompiledModel:
             arr = feeds[name]
             if not isinstance(arr, np.ndarray):
                 raise FeedError(f"input '{name}' must be a numpy array, got {type(arr).__name__}")
-            if list(arr.shape) != list(spec["shape"]):
+            if arr.ndim != len(spec["shape"]) or any(isinstance(want, int) and got != want for got, want in zip(arr.shape, spec["shape"])):
                 raise FeedError(f"input '{name}' has shape {list(arr.shape)}; this artifact was compiled for {spec['shape']}")
             if arr.dtype != np.dtype(spec["dtype"]):
                 raise FeedError(f"input '{name}' has dtype {arr.dtype}; expected {spec['dtype']}")

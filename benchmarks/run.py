@@ -1,0 +1,239 @@
+"""Dense vs token-merged, both examples, on CPU onnxruntime (2 threads), real data, one run per example.
+
+    python benchmarks/run.py --out benchmarks/results.json [--only minilm|dinov2] [--repeats 15]
+
+Rows: PyTorch eager dense, onnxruntime dense, onnxruntime compressed at several r. Columns: latency (median of
+interleaved runs), speed-up vs onnxruntime dense, FLOPs ratio (dense/compressed, counted on the captured graphs),
+efficiency (speed-up / FLOPs ratio) and quality:
+- MiniLM (batch 16 x 128, real sentences padded): cosine of pooled embeddings to dense on held-out sentences, and
+  Pearson correlation with human judgements on the Lee corpus (50 documents, upper triangle of the 50x50 matrix).
+- DINOv2 (batch 8 x 224 x 224): CLS cosine to dense, and linear-probe accuracy on Fashion-MNIST (1000 train / 500
+  test images; a probe trained on each model's own features).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from compressor import data  # noqa: E402
+from compressor.bench import time_interleaved  # noqa: E402
+from compressor.compile import export_onnx  # noqa: E402
+from compressor.handle import load  # noqa: E402
+from compressor.inputs import feed_batches, preprocessor  # noqa: E402
+from compressor.pass_manager import Pipeline  # noqa: E402
+from compressor.passes import TokenMerge  # noqa: E402
+from compressor.capture import capture, graph_stats  # noqa: E402
+from compressor.runtime.model import make_session  # noqa: E402
+from compressor.validate import cosine_rows  # noqa: E402
+
+THREADS = 2
+
+
+class Eager:
+    """PyTorch eager, with the same .run(None, feeds) call as an onnxruntime session."""
+
+    def __init__(self, module, names):
+        self.module, self.names = module, names
+
+    def run(self, _outputs, feeds):
+        with torch.inference_mode():
+            return [self.module(*(torch.from_numpy(feeds[n]) for n in self.names)).numpy()]
+
+
+def embed_all(session, feeds: dict, batch: int) -> np.ndarray:
+    """Run any number of samples through a static-batch session, padding the last batch."""
+    n = next(iter(feeds.values())).shape[0]
+    out = []
+    for s in range(0, n, batch):
+        chunk = {k: v[s:s + batch] for k, v in feeds.items()}
+        short = batch - next(iter(chunk.values())).shape[0]
+        if short:
+            chunk = {k: np.concatenate([v, np.repeat(v[-1:], short, 0)]) for k, v in chunk.items()}
+        out.append(session.run(None, chunk)[0][: batch - short])
+    return np.concatenate(out)
+
+
+def build_variants(source: str, shapes: dict, settings: list, workdir: Path):
+    """Export dense and one compressed ONNX per setting; returns rows with sessions and graph FLOPs."""
+    rows = []
+    handle = load(source, **shapes)
+    names = [s.name for s in handle.input_specs()]
+    dense_dir = workdir / "dense"
+    dense_dir.mkdir()
+    stats = export_onnx(handle, dense_dir, dense=True)
+    rows.append({"name": "onnxruntime dense", "setting": None, "flops": stats.flops, "path": dense_dir / "model.onnx"})
+    eager = Eager(handle.program(dense=True), names)
+    for setting in settings:
+        h = load(source, **shapes)
+        Pipeline([TokenMerge(**setting)]).run(h)
+        d = workdir / "_".join(f"{k}{v}" for k, v in setting.items())
+        d.mkdir()
+        st = export_onnx(h, d)
+        rows.append({"name": f"onnxruntime token_merge {setting}", "setting": setting, "flops": st.flops,
+                     "path": d / "model.onnx", "schedule": h.plan.merges,
+                     "token_counts": h.plan.token_counts(h.num_tokens, h.num_layers)})
+    for r in rows:
+        r["session"] = make_session(r["path"], threads=THREADS)
+    return handle, eager, rows
+
+
+def time_rows(eager, rows, feeds, repeats):
+    sessions = {"pytorch eager dense": eager, **{r["name"]: r["session"] for r in rows}}
+    times = time_interleaved(sessions, feeds, repeats, warmup=2)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def finish(rows, latency, dense_flops, eager_flops_name="pytorch eager dense"):
+    base = latency["onnxruntime dense"]
+    table = [{"name": eager_flops_name, "latency_ms": latency[eager_flops_name], "speedup": base / latency[eager_flops_name],
+              "flops_ratio": 1.0, "efficiency": None}]
+    for r in rows:
+        sp = base / latency[r["name"]]
+        fr = dense_flops / r["flops"]
+        table.append({"name": r["name"], "setting": r["setting"], "schedule": r.get("schedule"),
+                      "token_counts": r.get("token_counts"), "latency_ms": latency[r["name"]], "speedup": sp,
+                      "flops": r["flops"], "flops_ratio": fr, "efficiency": sp / fr, **r.get("quality", {})})
+    return table
+
+
+def bench_minilm(repeats: int, workdir: Path) -> dict:
+    shapes = {"batch": 16, "seq_len": 128}
+    settings = [{"r": 8}, {"r": 12}, {"r": 16}, {"r": 20},
+                {"reduction": 0.36, "decay": 0.5, "proportional_attention": False}]  # the example recipe
+    handle, eager, rows = build_variants("example:minilm", shapes, settings, workdir)
+    pre = preprocessor(handle)
+    timing_batch = feed_batches(handle, "validation", 16)[0]
+    held_out = pre(data.text_split("validation", 256))
+    lee = pre(data.lee_documents())
+    human = data.lee_human_similarities()
+    iu = np.triu_indices(50, k=1)
+    dense_emb = embed_all(rows[0]["session"], held_out, 16)
+    for r in rows:
+        emb = embed_all(r["session"], held_out, 16)
+        lee_emb = embed_all(r["session"], lee, 16)
+        sims = lee_emb @ lee_emb.T / np.outer(np.linalg.norm(lee_emb, axis=1), np.linalg.norm(lee_emb, axis=1))
+        cos = cosine_rows(emb, dense_emb)
+        r["quality"] = {"cosine_to_dense_mean": float(cos.mean()), "cosine_to_dense_p5": float(np.percentile(cos, 5)),
+                        "lee_pearson": float(np.corrcoef(sims[iu], human[iu])[0, 1])}
+    latency = time_rows(eager, rows, timing_batch, repeats)
+    table = finish(rows, latency, rows[0]["flops"])
+    real = int(timing_batch["attention_mask"].sum())
+    return {"example": "minilm", "shapes": shapes, "timing_batch_real_tokens": real, "timing_batch_tokens": 16 * 128,
+            "rows": table}
+
+
+def linear_probe(train_x, train_y, test_x, test_y, grid=(1e-4, 1e-3, 1e-2, 1e-1)) -> float:
+    """Logistic-regression probe; its L2 strength is chosen by 5-fold cross-validation on the training split only."""
+    folds = np.arange(len(train_x)) % 5
+    best = max(grid, key=lambda l2: np.mean([
+        _probe(train_x[folds != k], train_y[folds != k], train_x[folds == k], train_y[folds == k], l2) for k in range(5)]))
+    return _probe(train_x, train_y, test_x, test_y, best)
+
+
+def _probe(train_x, train_y, test_x, test_y, l2: float) -> float:
+    """Multinomial logistic regression on standardised features (L-BFGS); accuracy on the test split."""
+    from scipy.optimize import minimize
+
+    mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
+    xtr, xte = (train_x - mu) / sd, (test_x - mu) / sd
+    xtr = np.hstack([xtr, np.ones((len(xtr), 1))])
+    xte = np.hstack([xte, np.ones((len(xte), 1))])
+    k, d = 10, xtr.shape[1]
+    onehot = np.eye(k)[train_y]
+
+    def loss(w):
+        w = w.reshape(d, k)
+        z = xtr @ w
+        z -= z.max(1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(1, keepdims=True)
+        value = -np.log(p[np.arange(len(p)), train_y] + 1e-12).mean() + l2 * (w[:-1] ** 2).sum()
+        grad = xtr.T @ (p - onehot) / len(p)
+        grad[:-1] += 2 * l2 * w[:-1]
+        return value, grad.ravel()
+
+    w = minimize(loss, np.zeros(d * k), jac=True, method="L-BFGS-B", options={"maxiter": 500}).x.reshape(d, k)
+    return float(((xte @ w).argmax(1) == test_y).mean())
+
+
+def bench_dinov2(repeats: int, workdir: Path, train: int = 1000, test: int = 500) -> dict:
+    shapes = {"batch": 8, "image_size": [224, 224]}
+    settings = [{"r": 8}, {"r": 12}, {"r": 16}, {"reduction": 0.42}, {"reduction": 0.42, "decay": 0.9}, {"r": 22}]
+    handle, eager, rows = build_variants("example:dinov2-small", shapes, settings, workdir)
+    pre = preprocessor(handle)
+    tr_x, tr_y = data.fashion_mnist("train")
+    te_x, te_y = data.fashion_mnist("test")
+    train_feeds = pre([tr_x[i] for i in range(train)])
+    test_feeds = pre([te_x[i] for i in range(test)])
+    timing_batch = {k: v[:8] for k, v in test_feeds.items()}
+    dense_test = None
+    for r in rows:
+        f_tr = embed_all(r["session"], train_feeds, 8)
+        f_te = embed_all(r["session"], test_feeds, 8)
+        if dense_test is None:
+            dense_test = f_te
+        cos = cosine_rows(f_te, dense_test)
+        r["quality"] = {"cls_cosine_mean": float(cos.mean()), "cls_cosine_p5": float(np.percentile(cos, 5)),
+                        "probe_accuracy": linear_probe(f_tr, tr_y[:train], f_te, te_y[:test])}
+        print(f"  {r['name']}: {r['quality']}", file=sys.stderr)
+    latency = time_rows(eager, rows, timing_batch, repeats)
+    return {"example": "dinov2-small", "shapes": shapes, "probe": {"train": train, "test": test},
+            "rows": finish(rows, latency, rows[0]["flops"])}
+
+
+def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    quality_keys = [k for k in ("cosine_to_dense_mean", "lee_pearson", "cls_cosine_mean", "probe_accuracy")
+                    if any(k in row for row in result["rows"])]
+    t = Table(title=f"{result['example']} {result['shapes']} - onnxruntime CPU, {THREADS} threads")
+    for col in ["model", "latency ms", "speed-up", "FLOPs ratio", "efficiency", *quality_keys]:
+        t.add_column(col, justify="right")
+    for row in result["rows"]:
+        def fmt(v, f="{:.3f}"):
+            return "" if v is None else f.format(v)
+        t.add_row(row["name"], fmt(row["latency_ms"], "{:.1f}"), fmt(row["speedup"], "{:.2f}"),
+                  fmt(row["flops_ratio"], "{:.2f}"), fmt(row.get("efficiency"), "{:.2f}"),
+                  *[fmt(row.get(k), "{:.4f}") for k in quality_keys])
+    Console(width=200).print(t)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results.json")
+    parser.add_argument("--only", choices=["minilm", "dinov2"])
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    results = {"threads": THREADS, "torch": torch.__version__, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, fn in (("minilm", bench_minilm), ("dinov2", bench_dinov2)):
+            if args.only and args.only != name:
+                continue
+            work = Path(tmp) / name
+            work.mkdir()
+            start = time.time()
+            results[name] = fn(args.repeats, work)
+            results[name]["seconds"] = round(time.time() - start, 1)
+            print_table(results[name])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

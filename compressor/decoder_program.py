@@ -1,0 +1,74 @@
+"""The exportable decoder forward: prefill and decode in one graph, past key/values in, present key/values out.
+
+Every call takes a past of at least one slot; a prefill passes a single zero slot that its attention mask marks
+as absent. That keeps one graph (weights stored once) with dynamic batch, sequence and past lengths, and no
+zero-length dimension for the exporter to specialise. Positions come from the attention mask (cumulative sum), so
+left padding and the dummy slot never shift them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from compressor.models import LlamaAdapter
+
+MASK_BIAS = -1e9
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+class DecoderProgram(nn.Module):
+    def __init__(self, adapter: LlamaAdapter):
+        super().__init__()
+        self.adapter = adapter
+        self.model = adapter.model  # registered so export sees the parameters
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
+        ad = self.adapter
+        b, s = input_ids.shape
+        p = past[0].shape[2]
+        x = ad.embed_tokens(input_ids)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, p:]
+        cos, sin = ad.rotary(x, positions)
+        cos, sin = cos[:, None], sin[:, None]
+        key_pos = torch.arange(p + s)[None, :]
+        query_pos = (torch.arange(s) + p)[:, None]
+        allowed = (key_pos <= query_pos)[None, None] & (attention_mask[:, None, None, :] == 1)
+        bias = torch.where(allowed, 0.0, MASK_BIAS).to(x.dtype)
+        presents = []
+        for i, layer in enumerate(ad.layers):
+            h = layer.attn_norm(x)
+            q = layer.q(h).view(b, s, layer.heads, ad.head_dim).transpose(1, 2)
+            k = layer.k(h).view(b, s, ad.kv_heads, ad.head_dim).transpose(1, 2)
+            v = layer.v(h).view(b, s, ad.kv_heads, ad.head_dim).transpose(1, 2)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            k = torch.cat([past[2 * i], k], dim=2)
+            v = torch.cat([past[2 * i + 1], v], dim=2)
+            presents += [k, v]
+            groups = layer.heads // ad.kv_heads
+            kr = k.repeat_interleave(groups, dim=1)
+            vr = v.repeat_interleave(groups, dim=1)
+            logits = (q @ kr.transpose(-1, -2)) * (1.0 / math.sqrt(ad.head_dim)) + bias
+            ctx = (logits.softmax(-1) @ vr).transpose(1, 2).reshape(b, s, layer.heads * ad.head_dim)
+            x = x + layer.o(ctx)
+            x = layer.mlp(x)
+        return (ad.lm_head(ad.final_norm_module(x)), *presents)
+
+
+def empty_past(adapter: LlamaAdapter, batch: int) -> list[torch.Tensor]:
+    """The one-slot dummy past that a prefill passes (masked out by a leading 0 in the attention mask)."""
+    shape = (batch, adapter.kv_heads, 1, adapter.head_dim)
+    return [torch.zeros(shape) for _ in range(2 * len(adapter.layers))]
+
+
+def prefill_inputs(adapter: LlamaAdapter, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    b, s = input_ids.shape
+    mask = torch.cat([torch.zeros(b, 1, dtype=torch.long), torch.ones(b, s, dtype=torch.long)], dim=1)
+    return (input_ids, mask, *empty_past(adapter, b))

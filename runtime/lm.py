@@ -1,0 +1,116 @@
+"""Causal language models from an artifact: logits, perplexity and generation with a KV cache, torch-free.
+
+One ONNX graph serves prefill and decode: past key/values in, present key/values out. A prefill passes one dummy
+past slot that the attention mask marks absent (position 0 of the mask is 0), so no zero-length tensors appear.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .errors import FeedError
+from .model import CompiledModel
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def sample_next(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Greedy when temperature <= 0, else temperature + nucleus (top-p) sampling."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    probs = np.exp(_log_softmax(logits.astype(np.float64) / temperature))
+    order = np.argsort(-probs)
+    cumulative = np.cumsum(probs[order])
+    keep = order[: int(np.searchsorted(cumulative, top_p) + 1)]
+    p = probs[keep] / probs[keep].sum()
+    return int(rng.choice(keep, p=p))
+
+
+class CausalLM(CompiledModel):
+    def __init__(self, folder, manifest, providers=None, threads=None):
+        super().__init__(folder, manifest, providers, threads)
+        pre = self._pre
+        self.num_layers, self.kv_heads, self.head_dim = pre["num_layers"], pre["kv_heads"], pre["head_dim"]
+        self.eos_token_ids = set(pre.get("eos_token_ids") or [])
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(str(self.folder / self._pre["tokenizer"]))
+        return self._tokenizer
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(map(int, ids)), skip_special_tokens=True)
+
+    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        z = np.zeros((batch, self.kv_heads, 1, self.head_dim), dtype=np.float32)
+        return {f"past_key_values.{i}.{k}": z for i in range(self.num_layers) for k in ("key", "value")}
+
+    def _step(self, ids: np.ndarray, mask: np.ndarray, past: dict) -> tuple[np.ndarray, dict]:
+        out = self.run({"input_ids": ids, "attention_mask": mask, **past})
+        present = {f"past_key_values.{i}.{k}": out[f"present.{i}.{k}"] for i in range(self.num_layers) for k in ("key", "value")}
+        return out["logits"], present
+
+    def logits(self, ids) -> np.ndarray:
+        """Next-token logits (B, S, V) for token ids (B, S) or (S,), computed in one prefill."""
+        ids = np.asarray(ids, dtype=np.int64)
+        single = ids.ndim == 1
+        ids = ids[None] if single else ids
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise FeedError("logits() takes token ids shaped (S,) or (B, S) with S >= 1")
+        mask = np.concatenate([np.zeros((ids.shape[0], 1), np.int64), np.ones(ids.shape, np.int64)], axis=1)
+        out, _ = self._step(ids, mask, self._empty_past(ids.shape[0]))
+        return out[0] if single else out
+
+    def perplexity(self, windows: np.ndarray) -> float:
+        """exp(mean next-token NLL) over windows of token ids (N, L), one window at a time."""
+        total, count = 0.0, 0
+        for w in np.asarray(windows, dtype=np.int64):
+            logp = _log_softmax(self.logits(w)[:-1].astype(np.float32))
+            total -= float(logp[np.arange(len(w) - 1), w[1:]].astype(np.float64).sum())
+            count += len(w) - 1
+        return float(np.exp(total / count))
+
+    def stream(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None, stop_on_eos: bool = True) -> Iterator[int]:
+        """Yield generated token ids one at a time (prompt: text or token ids)."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise FeedError("generate() needs a non-empty prompt")
+        if max_new_tokens < 0 or not 0.0 < top_p <= 1.0:
+            raise FeedError("max_new_tokens must be >= 0 and top_p in (0, 1]")
+        rng = np.random.default_rng(seed)
+        x = np.array([ids], dtype=np.int64)
+        mask = np.concatenate([np.zeros((1, 1), np.int64), np.ones((1, len(ids)), np.int64)], axis=1)
+        past = self._empty_past(1)
+        for _ in range(max_new_tokens):
+            logits, past = self._step(x, mask, past)
+            token = sample_next(logits[0, -1], temperature, top_p, rng)
+            if stop_on_eos and token in self.eos_token_ids:
+                return
+            yield token
+            x = np.array([[token]], dtype=np.int64)
+            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+
+    def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, stop_on_eos: bool = True, on_text: Callable[[str], None] | None = None):
+        """Continue a prompt. Text in, text out (token ids in, token ids out); on_text streams text pieces."""
+        tokens, shown = [], ""
+        for token in self.stream(prompt, max_new_tokens, temperature, top_p, seed, stop_on_eos):
+            tokens.append(token)
+            if on_text is not None:
+                text = self.decode(tokens)
+                on_text(text[len(shown):])
+                shown = text
+        return self.decode(tokens) if isinstance(prompt, str) else tokens
