@@ -32,6 +32,12 @@ class Pass:
             raise UsageError(f"pass '{self.name}': give a config object or options, not both")
         self.config = config if config is not None else parse_options(self.name, self.Config, options)
 
+    def check(self, handle) -> None:
+        """Refuse a model this pass cannot rewrite, with a one-line reason (default: the `requires` capabilities)."""
+        missing = set(self.requires) - handle.capabilities
+        if missing:
+            raise UsageError(f"pass '{self.name}' requires {sorted(missing)}, which this {handle.adapter.family} model does not have")
+
     def run(self, handle) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError
 

@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 
 from .capture import capture, graph_stats
-from .errors import CompressorError, UsageError
+from .errors import CompressorError
 from .pass_base import Pass
 
 
@@ -50,9 +50,7 @@ class Pipeline:
             handle.baseline = graph_stats(capture(handle.program(dense=True), example))
         previous = probe(handle)
         for i, p in enumerate(self.passes):
-            missing = set(p.requires) - handle.capabilities
-            if missing:
-                raise UsageError(f"pass '{p.name}' requires {sorted(missing)}, which this model does not have")
+            p.check(handle)
             for ins in self.instruments:
                 ins.before_pass(p, i, len(self.passes))
             start = time.perf_counter()

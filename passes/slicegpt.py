@@ -131,6 +131,15 @@ class SliceGPT(Pass):
     requires = frozenset({"pre_norm", "rms_norm"})
     ensures = frozenset({"sliced"})
 
+    def check(self, handle) -> None:
+        if handle.adapter.norm_placement != "pre":
+            raise UsageError(
+                f"slicegpt needs a pre-norm model; {handle.adapter.family} normalises after each residual add (post-norm), "
+                "so a rotation of the residual stream cannot pass through its norms (computational invariance breaks)"
+            )
+        if "rms_norm" not in handle.capabilities:
+            raise UsageError(f"slicegpt supports RMSNorm (Llama-family) models so far; {handle.adapter.family} uses LayerNorm")
+
     def run(self, handle) -> PassResult:
         cfg: SliceGPTConfig = self.config
         adapter = handle.adapter

@@ -30,9 +30,10 @@ def dinov2_folder() -> Path:
     return example_folder("dinov2-small")
 
 
-def build(tmp_root: Path, name: str, source: str, passes: list[dict], export: dict, samples: int, **validation) -> Path:
-    recipe = recipe_from_dict({"model": {"source": source}, "passes": passes, "export": export,
-                               "validation": {"samples": samples, **validation}})
+def build(tmp_root: Path, name: str, source: str, passes: list[dict], export: dict, samples: int | None, **validation) -> Path:
+    if samples is not None:
+        validation["samples"] = samples
+    recipe = recipe_from_dict({"model": {"source": source}, "passes": passes, "export": export, "validation": validation})
     out = tmp_root / name
     run_recipe(recipe, out)
     return out

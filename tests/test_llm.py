@@ -1,0 +1,143 @@
+"""SliceGPT on the real SmolLM2, decoder export with a KV cache, and torch-free generation."""
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from compressor.errors import UsageError
+from compressor.handle import load
+from compressor.lm_data import held_out_windows, torch_perplexity
+from compressor.pass_manager import Pipeline
+from compressor.passes import SliceGPT
+from compressor.validate_lm import program_logits
+
+from .conftest import build, compress
+
+SMALL_SLICE = {"name": "slicegpt", "sparsity": 0.25, "calibration_samples": 8, "calibration_len": 256,
+               "normalize_tokens": True}
+
+
+@pytest.fixture(scope="module")
+def windows():
+    handle = load("example:smollm2")
+    return held_out_windows(handle.adapter.tokenizer_file, 256, 2)
+
+
+def perplexity(handle, windows):
+    return torch_perplexity(program_logits(handle.program(), handle.adapter), windows)
+
+
+def test_decoder_program_matches_transformers_with_cache():
+    handle = load("example:smollm2")
+    ad = handle.adapter
+    ids = torch.tensor([[1, 504, 3575, 282, 4649, 314]])
+    from compressor.decoder_program import prefill_inputs
+
+    with torch.no_grad():
+        ref = ad.reference_logits(ids)
+        out = handle.program()(*prefill_inputs(ad, ids[:, :4]))
+        assert torch.allclose(out[0], ref[:, :4], atol=1e-3)
+        mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1]])
+        step = handle.program()(ids[:, 4:], mask, *out[1:])  # two more tokens through the cache
+    assert torch.allclose(step[0], ref[:, 4:], atol=1e-3)
+
+
+def test_folding_alone_keeps_perplexity(windows):
+    handle = load("example:smollm2")
+    dense = perplexity(handle, windows)
+    Pipeline([SliceGPT(sparsity=0.0)]).run(handle)
+    assert f"{perplexity(handle, windows):.4g}" == f"{dense:.4g}"
+    assert all(bool((l.attn_norm.weight == 1).all()) for l in handle.adapter.layers)
+
+
+def test_portable_slicing_is_a_stock_llama(tmp_path, windows):
+    from transformers import AutoModelForCausalLM
+
+    handle = load("example:smollm2")
+    dense = perplexity(handle, windows)
+    Pipeline([SliceGPT(**{k: v for k, v in SMALL_SLICE.items() if k != "name"})]).run(handle)
+    ad = handle.adapter
+    assert ad.config.hidden_size == 432 and ad.embed_tokens.weight.shape == (49152, 432)
+    assert ad.layers[0].q.weight.shape == (576, 432) and ad.layers[0].o.weight.shape == (432, 576)
+    assert ad.layers[0].fc_out.weight.shape == (432, 1536) and ad.lm_head.weight.shape == (49152, 432)
+    assert torch.allclose(ad.final_norm_module.weight, torch.full((432,), math.sqrt(576 / 432)))
+    info = handle.history[0]["info"]
+    assert info["width_after"] == 432 and info["params_after"] < info["params_before"]
+    sliced = perplexity(handle, windows)
+    assert dense < sliced < 20 * dense  # lossy, but a language model still
+    ad.model.save_pretrained(str(tmp_path))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert type(reloaded).__name__ == "LlamaForCausalLM" and reloaded.config.hidden_size == 432
+    ids = torch.from_numpy(windows[:1, :64])
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, ad.reference_logits(ids), atol=1e-4)
+
+
+def test_post_norm_models_are_refused():
+    handle = load("example:minilm", batch=2, seq_len=16)
+    with pytest.raises(UsageError, match="post-norm"):
+        Pipeline([SliceGPT(sparsity=0.2)]).run(handle)
+
+
+@pytest.fixture(scope="module")
+def smol_artifact(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("lm"), "smol", "example:smollm2", [SMALL_SLICE], {}, samples=None,
+                 perplexity_windows=2, window_len=256, max_perplexity_ratio=20.0, greedy_prompts=2, greedy_tokens=8)
+
+
+def test_lm_artifact_manifest_and_agreement(smol_artifact):
+    m = json.loads((smol_artifact / "manifest.json").read_text())
+    v = m["validation"]
+    assert v["passed"] and v["onnx_gap"] < 1e-3 and v["greedy_agreement"] >= 0.5
+    assert m["params"]["compressed"] < m["params"]["dense"] == 134_515_040
+    assert m["inputs"][0] == {"name": "input_ids", "shape": ["batch", "sequence"], "dtype": "int64"}
+    assert "hf/model.safetensors" in m["files"] and m["preprocess"]["kind"] == "causal_lm"
+
+
+def test_generation_is_torch_free(smol_artifact):
+    code = textwrap.dedent(f"""
+        import sys
+        for name in ("torch", "transformers", "onnx", "onnxscript"):
+            sys.modules[name] = None
+        from compressor.runtime import load
+        lm = load({str(smol_artifact)!r})
+        a = lm.generate("The capital of France is", max_new_tokens=6)
+        b = lm.generate("The capital of France is", max_new_tokens=6)
+        c = lm.generate("The capital of France is", max_new_tokens=6, temperature=0.8, top_p=0.9, seed=1)
+        d = lm.generate("The capital of France is", max_new_tokens=6, temperature=0.8, top_p=0.9, seed=1)
+        pieces = []
+        e = lm.generate("Paris is", max_new_tokens=4, on_text=pieces.append)
+        assert a == b and c == d and isinstance(a, str) and "".join(pieces) == e
+        ids = lm.encode("Hello there")
+        assert lm.logits(ids).shape == (len(ids), 49152)
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+def test_cache_decode_matches_full_prefill(smol_artifact):
+    from compressor.runtime import load
+
+    lm = load(smol_artifact)
+    ids = lm.encode("The history of the Roman Empire")
+    tokens = lm.generate(ids, max_new_tokens=5)
+    full = lm.logits(ids + tokens[:-1])
+    assert list(np.argmax(full[len(ids) - 1:], axis=-1)) == tokens
+
+
+def test_eval_perplexity_cli(smol_artifact, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(["The quick brown fox jumps over the lazy dog."] * 40))
+    done = compress("eval", str(smol_artifact), "--perplexity", str(text), "--window-len", "128", "--windows", "1",
+                    "--json", str(tmp_path / "ppl.json"))
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "ppl.json").read_text())
+    assert result["windows"] == 1 and result["perplexity_dense"] > 1 and result["perplexity_compressed"] > 1
