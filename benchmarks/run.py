@@ -33,7 +33,7 @@ from compressor.compile import export_onnx  # noqa: E402
 from compressor.handle import load  # noqa: E402
 from compressor.inputs import feed_batches, preprocessor  # noqa: E402
 from compressor.pass_manager import Pipeline  # noqa: E402
-from compressor.passes import TokenMerge  # noqa: E402
+from compressor.pass_base import make_pass  # noqa: E402
 from compressor.capture import capture, graph_stats  # noqa: E402
 from compressor.runtime.model import make_session  # noqa: E402
 from compressor.validate import cosine_rows  # noqa: E402
@@ -73,15 +73,17 @@ def build_variants(source: str, shapes: dict, settings: list, workdir: Path):
     dense_dir = workdir / "dense"
     dense_dir.mkdir()
     stats = export_onnx(handle, dense_dir, dense=True)
-    rows.append({"name": "onnxruntime dense", "setting": None, "flops": stats.flops, "path": dense_dir / "model.onnx"})
+    rows.append({"name": "onnxruntime dense", "setting": None, "flops": stats.flops, "params": stats.params, "path": dense_dir / "model.onnx"})
     eager = Eager(handle.program(dense=True), names)
-    for setting in settings:
+    for i, setting in enumerate(settings):
         h = load(source, **shapes)
-        Pipeline([TokenMerge(**setting)]).run(h)
-        d = workdir / "_".join(f"{k}{v}" for k, v in setting.items())
+        passes = setting if isinstance(setting, list) else [("token_merge", setting)]
+        Pipeline([make_pass(name, dict(opts)) for name, opts in passes]).run(h)
+        d = workdir / f"variant{i}"
         d.mkdir()
         st = export_onnx(h, d)
-        rows.append({"name": f"onnxruntime token_merge {setting}", "setting": setting, "flops": st.flops,
+        label = " + ".join(f"{name} {opts}" for name, opts in passes)
+        rows.append({"name": f"onnxruntime {label}", "setting": passes, "flops": st.flops, "params": st.params,
                      "path": d / "model.onnx", "schedule": h.plan.merges,
                      "token_counts": h.plan.token_counts(h.num_tokens, h.num_layers)})
     for r in rows:
@@ -102,7 +104,7 @@ def finish(rows, latency, dense_flops, eager_flops_name="pytorch eager dense"):
     for r in rows:
         sp = base / latency[r["name"]]
         fr = dense_flops / r["flops"]
-        table.append({"name": r["name"], "setting": r["setting"], "schedule": r.get("schedule"),
+        table.append({"name": r["name"], "setting": r["setting"], "schedule": r.get("schedule"), "params": r.get("params"),
                       "token_counts": r.get("token_counts"), "latency_ms": latency[r["name"]], "speedup": sp,
                       "flops": r["flops"], "flops_ratio": fr, "efficiency": sp / fr, **r.get("quality", {})})
     return table
@@ -170,7 +172,9 @@ def _probe(train_x, train_y, test_x, test_y, l2: float) -> float:
 
 def bench_dinov2(repeats: int, workdir: Path, train: int = 1000, test: int = 500) -> dict:
     shapes = {"batch": 8, "image_size": [224, 224]}
-    settings = [{"r": 8}, {"r": 12}, {"r": 16}, {"reduction": 0.42}, {"reduction": 0.42, "decay": 0.9}, {"r": 22}]
+    slice25 = ("slicegpt", {"sparsity": 0.25, "calibration_samples": 64, "normalize_tokens": True})
+    settings = [{"r": 12}, {"r": 16}, {"reduction": 0.42}, {"reduction": 0.42, "decay": 0.9}, {"r": 22},
+                [slice25], [slice25, ("token_merge", {"r": 12})]]
     handle, eager, rows = build_variants("example:dinov2-small", shapes, settings, workdir)
     pre = preprocessor(handle)
     tr_x, tr_y = data.fashion_mnist("train")

@@ -17,6 +17,7 @@ from compressor.runtime.model import make_session
 
 from .cache import cache_dir
 from .errors import UsageError
+from .source import SourceInfo
 
 
 def dense_export(manifest: dict) -> Path:
@@ -30,7 +31,7 @@ def dense_export(manifest: dict) -> Path:
     folder = cache_dir() / "dense" / key
     if (folder / MODEL_FILE).exists():
         return folder / MODEL_FILE
-    spec = src["spec"] if src["spec"].startswith("example:") else src["folder"]
+    spec = SourceInfo(**src).reload_spec
     handle = load(spec, **manifest["shapes"])
     if handle.source.weights_sha256 != src["weights_sha256"]:
         raise UsageError(f"the source model at '{spec}' changed since the artifact was built (weights hash differs); rebuild the artifact")
@@ -52,8 +53,7 @@ def held_out_batch(manifest: dict):
     from .handle import load
     from .inputs import feed_batches
 
-    src = manifest["source"]
-    handle = load(src["spec"] if src["spec"].startswith("example:") else src["folder"], **manifest["shapes"])
+    handle = load(SourceInfo(**manifest["source"]).reload_spec, **manifest["shapes"])
     return feed_batches(handle, "validation", manifest["shapes"]["batch"])[0]
 
 

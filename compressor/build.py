@@ -5,12 +5,12 @@ from __future__ import annotations
 from .compile import compile_artifact
 from .handle import load
 from .pass_manager import Pipeline
-from .recipe import Recipe
+from .recipe import Recipe, resolve_recipe
 
 
 def run_recipe(recipe: Recipe, output, *, force: bool = False, instruments=None, progress=None) -> dict:
+    resolve_recipe(recipe)  # the manifest records every default that was filled in
     handle = load(recipe.source, **recipe.export)
-    recipe.export = dict(handle.shapes)  # record the resolved shapes
     Pipeline(recipe.passes, instruments).run(handle)
     return compile_artifact(handle, output, recipe.validation, force=force, data=recipe.data,
                             recipe=recipe.to_dict(), progress=progress)

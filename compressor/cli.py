@@ -50,7 +50,9 @@ def cmd_run(args) -> int:
         recipe.validation["samples"] = args.samples
     err, out = _console()
     if args.dry_run:
-        out.print(recipe.to_toml(), markup=False, highlight=False)
+        from .recipe import resolve_recipe
+
+        out.print(resolve_recipe(recipe).to_toml(), markup=False, highlight=False)
         return EXIT_OK
     if not args.output:
         raise UsageError("--output DIR is required (where the artifact is written)")
@@ -167,24 +169,23 @@ def cmd_bench(args) -> int:
         t.add_row("dense", f"{result['dense_ms']:.1f}", f"{result['decode_dense_ms']:.1f}", f"{result['params_dense'] / 1e6:.1f}")
         t.add_row("compressed", f"{result['compressed_ms']:.1f}", f"{result['decode_compressed_ms']:.1f}", f"{result['params_compressed'] / 1e6:.1f}")
         t.add_row("speed-up", f"{result['speedup']:.2f}x", f"{result['decode_speedup']:.2f}x", "")
-        out.print(t)
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result, indent=2))
-            out.print(f"wrote {args.json}")
-        return EXIT_OK
-    t = Table(title=f"{args.artifact}: onnxruntime CPU, {result['threads']} threads, median of {result['repeats']}")
-    for col in ("model", "latency (ms)", "GFLOPs", "speed-up", "FLOPs ratio", "efficiency"):
-        t.add_column(col, justify="right")
-    t.add_row("dense", f"{result['dense_ms']:.2f}", f"{result['dense_flops'] / 1e9:.2f}", "1.00", "1.00", "")
-    t.add_row("compressed", f"{result['compressed_ms']:.2f}", f"{result['compressed_flops'] / 1e9:.2f}",
-              f"{result['speedup']:.2f}", f"{result['flops_ratio']:.2f}", f"{result['efficiency']:.2f}")
+    else:
+        t = Table(title=f"{args.artifact}: onnxruntime CPU, {result['threads']} threads, median of {result['repeats']}")
+        for col in ("model", "latency (ms)", "GFLOPs", "speed-up", "FLOPs ratio", "efficiency"):
+            t.add_column(col, justify="right")
+        t.add_row("dense", f"{result['dense_ms']:.2f}", f"{result['dense_flops'] / 1e9:.2f}", "1.00", "1.00", "")
+        t.add_row("compressed", f"{result['compressed_ms']:.2f}", f"{result['compressed_flops'] / 1e9:.2f}",
+                  f"{result['speedup']:.2f}", f"{result['flops_ratio']:.2f}", f"{result['efficiency']:.2f}")
     out.print(t)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        out.print(f"wrote {args.json}")
+    _write_json(out, args.json, result)
     return EXIT_OK
+
+
+def _write_json(out, path: str | None, result: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2))
+        out.print(f"wrote {path}")
 
 
 # ---------------------------------------------------------------- eval
@@ -198,8 +199,7 @@ def cmd_eval(args) -> int:
     out.print(f"perplexity over {result['windows']} windows of {result['window_len']} tokens of {args.perplexity}: "
               f"dense {result['perplexity_dense']:.3f}, compressed {result['perplexity_compressed']:.3f} "
               f"({result['ratio']:.2f}x)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    _write_json(out, args.json, result)
     return EXIT_OK
 
 

@@ -18,6 +18,7 @@ from compressor.runtime.model import make_session
 from .capture import capture, graph_stats
 from .errors import UsageError, ValidationFailed
 from .export import OPSET, OUTPUT_NAME, lower_to_onnx
+from .handle import load as load_handle
 from .validate import validate, validation_config
 
 MODEL_FILE = "model.onnx"
@@ -78,7 +79,8 @@ def compile_artifact(handle, output: str | Path, validation=None, *, force: bool
             stats = export_onnx(handle, tmp)
             step("validating on held-out inputs")
             source = data.get("texts") if handle.adapter.modality == "text" else data.get("images")
-            result = validate(handle, make_session(tmp / MODEL_FILE), cfg, source)
+            original = load_handle(handle.source.reload_spec, **handle.shapes).program(dense=True)
+            result = validate(handle, make_session(tmp / MODEL_FILE), cfg, source, original)
         manifest = build_manifest(handle, dense, stats, result, recipe)
         manifest["files"] = hash_folder(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -101,14 +103,15 @@ def _compile_decoder(handle, tmp: Path, cfg, step):
     step("capturing and lowering the decoder to ONNX")
     stats = graph_stats(capture(handle.program(), handle.example_inputs()))
     lower_decoder_to_onnx(handle.program(), handle.adapter, tmp / MODEL_FILE)
-    step("writing the transformers folder")
-    handle.adapter.model.save_pretrained(str(tmp / HF_FOLDER), safe_serialization=True)
-    for name in handle.adapter.artifact_files():
-        shutil.copy2(Path(handle.adapter.folder) / name, tmp / HF_FOLDER / name)
+    if handle.adapter.transformers_loadable:
+        step("writing the transformers folder")
+        handle.adapter.model.save_pretrained(str(tmp / HF_FOLDER), safe_serialization=True)
+        for name in handle.adapter.artifact_files():
+            shutil.copy2(Path(handle.adapter.folder) / name, tmp / HF_FOLDER / name)
     step("validating on held-out text")
     partial = build_manifest(handle, stats, stats, {}, None)
     lm = CausalLM(tmp, partial)
-    reference, _ = load_source(handle.source.spec if handle.source.spec.startswith("example:") else handle.source.folder)
+    reference, _ = load_source(handle.source.reload_spec)
     return stats, validate_lm(handle, lm, reference, cfg)
 
 

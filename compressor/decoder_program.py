@@ -23,6 +23,36 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
+def rotary_and_bias(ad: LlamaAdapter, x: torch.Tensor, attention_mask: torch.Tensor, past_len: int):
+    """Rotary cos/sin for the new tokens and the additive causal + padding bias over past and new keys."""
+    s = x.shape[1]
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, past_len:]
+    cos, sin = ad.rotary(x, positions)
+    key_pos = torch.arange(past_len + s)[None, :]
+    query_pos = (torch.arange(s) + past_len)[:, None]
+    allowed = (key_pos <= query_pos)[None, None] & (attention_mask[:, None, None, :] == 1)
+    return cos[:, None], sin[:, None], torch.where(allowed, 0.0, MASK_BIAS).to(x.dtype)
+
+
+def self_attention(ad: LlamaAdapter, layer, h: torch.Tensor, cos, sin, bias, past_k=None, past_v=None):
+    """Grouped-query attention with rotary positions; returns the context (before o_proj) and the full keys/values."""
+    b, s, _ = h.shape
+    q = layer.q(h).view(b, s, layer.heads, ad.head_dim).transpose(1, 2)
+    k = layer.k(h).view(b, s, ad.kv_heads, ad.head_dim).transpose(1, 2)
+    v = layer.v(h).view(b, s, ad.kv_heads, ad.head_dim).transpose(1, 2)
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    if past_k is not None:
+        k = torch.cat([past_k, k], dim=2)
+        v = torch.cat([past_v, v], dim=2)
+    groups = layer.heads // ad.kv_heads
+    kr = k.repeat_interleave(groups, dim=1)
+    vr = v.repeat_interleave(groups, dim=1)
+    logits = (q @ kr.transpose(-1, -2)) * (1.0 / math.sqrt(ad.head_dim)) + bias
+    ctx = (logits.softmax(-1) @ vr).transpose(1, 2).reshape(b, s, layer.heads * ad.head_dim)
+    return ctx, k, v
+
+
 class DecoderProgram(nn.Module):
     def __init__(self, adapter: LlamaAdapter):
         super().__init__()
@@ -31,33 +61,14 @@ class DecoderProgram(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
         ad = self.adapter
-        b, s = input_ids.shape
         p = past[0].shape[2]
         x = ad.embed_tokens(input_ids)
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, p:]
-        cos, sin = ad.rotary(x, positions)
-        cos, sin = cos[:, None], sin[:, None]
-        key_pos = torch.arange(p + s)[None, :]
-        query_pos = (torch.arange(s) + p)[:, None]
-        allowed = (key_pos <= query_pos)[None, None] & (attention_mask[:, None, None, :] == 1)
-        bias = torch.where(allowed, 0.0, MASK_BIAS).to(x.dtype)
+        cos, sin, bias = rotary_and_bias(ad, x, attention_mask, p)
         presents = []
         for i, layer in enumerate(ad.layers):
-            h = layer.attn_norm(x)
-            q = layer.q(h).view(b, s, layer.heads, ad.head_dim).transpose(1, 2)
-            k = layer.k(h).view(b, s, ad.kv_heads, ad.head_dim).transpose(1, 2)
-            v = layer.v(h).view(b, s, ad.kv_heads, ad.head_dim).transpose(1, 2)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            k = torch.cat([past[2 * i], k], dim=2)
-            v = torch.cat([past[2 * i + 1], v], dim=2)
+            ctx, k, v = self_attention(ad, layer, layer.attn_norm(x), cos, sin, bias, past[2 * i], past[2 * i + 1])
             presents += [k, v]
-            groups = layer.heads // ad.kv_heads
-            kr = k.repeat_interleave(groups, dim=1)
-            vr = v.repeat_interleave(groups, dim=1)
-            logits = (q @ kr.transpose(-1, -2)) * (1.0 / math.sqrt(ad.head_dim)) + bias
-            ctx = (logits.softmax(-1) @ vr).transpose(1, 2).reshape(b, s, layer.heads * ad.head_dim)
-            x = x + layer.o(ctx)
+            x = layer.residual(x, "attn") + layer.o(ctx)
             x = layer.mlp(x)
         return (ad.lm_head(ad.final_norm_module(x)), *presents)
 

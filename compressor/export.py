@@ -37,11 +37,16 @@ def _quiet():
 
 def lower_to_onnx(program: torch.export.ExportedProgram, example_inputs, input_names: list[str], path: Path) -> Path:
     """Write `path` as a checked ONNX model (portable: no onnxruntime-specific fused ops are baked in)."""
+    return _lower(program, example_inputs, input_names, [OUTPUT_NAME], path, "ONNX lowering")
+
+
+def _lower(program: torch.export.ExportedProgram, example_inputs, input_names, output_names, path: Path, what: str) -> Path:
+    """Translate a captured program to ONNX, save it, run the ONNX checker and build onnxruntime's optimised session."""
     try:
-        with _quiet():
+        with _quiet(), torch.no_grad():
             onnx_program = torch.onnx.export(
                 program, tuple(example_inputs), dynamo=True, input_names=input_names,
-                output_names=[OUTPUT_NAME], optimize=True, verbose=False, opset_version=OPSET,
+                output_names=output_names, optimize=True, verbose=False, opset_version=OPSET,
             )
             onnx_program.save(str(path))
         onnx.checker.check_model(str(path), full_check=True)
@@ -53,7 +58,7 @@ def lower_to_onnx(program: torch.export.ExportedProgram, example_inputs, input_n
     except CompressorError:
         raise
     except Exception as e:
-        raise CompressorError(f"ONNX lowering failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise CompressorError(f"{what} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     return path
 
 
@@ -75,18 +80,10 @@ def lower_decoder_to_onnx(program: torch.nn.Module, adapter, path: Path) -> Path
     auto = Dim.AUTO
     dynamic = ({0: auto, 1: auto}, {0: auto, 1: auto}, tuple({0: auto, 2: auto} for _ in past))  # *past is one tuple
     inputs, outputs = decoder_io_names(len(adapter.layers))
+    args = (ids, mask, *past)
     try:
         with _quiet(), torch.no_grad():
-            exported = torch.export.export(program, (ids, mask, *past), dynamic_shapes=dynamic, strict=False)
-            onnx_program = torch.onnx.export(exported, (ids, mask, *past), dynamo=True, input_names=inputs,
-                                             output_names=outputs, optimize=True, verbose=False, opset_version=OPSET)
-            onnx_program.save(str(path))
-        onnx.checker.check_model(str(path), full_check=True)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    except CompressorError:
-        raise
+            exported = torch.export.export(program, args, dynamic_shapes=dynamic, strict=False)
     except Exception as e:
-        raise CompressorError(f"ONNX lowering of the decoder failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    return path
+        raise CompressorError(f"torch.export could not capture the decoder: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    return _lower(exported, args, inputs, outputs, path, "ONNX lowering of the decoder")

@@ -117,3 +117,20 @@ def parse_pass_spec(spec: str) -> Pass:
         depth -= ch == "]"
         current += ch
     return make_pass(name.strip(), options)
+
+
+def resolve_recipe(recipe: Recipe) -> Recipe:
+    """Fill in the defaults that depend on the model (compile shapes, validation thresholds) without loading it."""
+    from dataclasses import asdict
+
+    from compressor.models import adapter_for
+
+    from .handle import check_shapes
+    from .source import read_model_type, resolve_folder
+    from .validate import validation_config
+
+    folder = resolve_folder(recipe.source)
+    modality = adapter_for(read_model_type(folder, recipe.source)).modality
+    recipe.export = check_shapes(modality, recipe.export)
+    recipe.validation = asdict(validation_config(modality, recipe.validation))
+    return recipe

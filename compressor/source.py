@@ -26,6 +26,11 @@ class SourceInfo:
     def to_json(self) -> dict:
         return dict(self.__dict__)
 
+    @property
+    def reload_spec(self) -> str:
+        """What reloads the same model: the example name, or the resolved folder (a relative path may have moved)."""
+        return self.spec if self.spec.startswith("example:") else self.folder
+
 
 def resolve_folder(spec: str) -> Path:
     if spec.startswith("example:"):

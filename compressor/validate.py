@@ -31,9 +31,10 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)).clip(min=1e-12)
 
 
-def validate(handle, session, cfg: ValidationConfig, source: str | None = None) -> dict:
+def validate(handle, session, cfg: ValidationConfig, source: str | None = None, original=None) -> dict:
+    """`original` is the uncompressed model's program (reloaded from the source); passes may have rewritten weights."""
     names = [s.name for s in handle.input_specs()]
-    dense, compressed = handle.program(dense=True), handle.program()
+    dense, compressed = original or handle.program(dense=True), handle.program()
     ref, ours, onnx_out = [], [], []
     with torch.no_grad():
         for batch in feed_batches(handle, "validation", cfg.samples, source):

@@ -72,9 +72,16 @@ class Dinov2Adapter(ModelAdapter):
             emb = self.model.embeddings
             n = (h // self.config.patch_size) * (w // self.config.patch_size) + 1
             with torch.no_grad():
-                dummy = torch.zeros(1, n, self.config.hidden_size)
+                dummy = torch.zeros(1, n, emb.position_embeddings.shape[-1])  # the stream may be sliced
                 self._pos_cache[(h, w)] = emb.interpolate_pos_encoding(dummy, h, w).detach().clone()
         return self._pos_cache[(h, w)]
+
+    def refresh_positions(self) -> None:
+        """Recompute the cached position embeddings after a pass rewrote them."""
+        sizes = list(self._pos_cache)
+        self._pos_cache.clear()
+        for h, w in sizes:
+            self.position_embeddings(h, w)
 
     def embed(self, pixel_values):
         emb = self.model.embeddings
@@ -86,10 +93,10 @@ class Dinov2Adapter(ModelAdapter):
         return x, kinds
 
     def final_norm(self, x):
-        return self.model.layernorm(x)
+        return x  # the final norm is per token: pool() applies it to the CLS token alone
 
     def pool(self, x, size, kinds):
-        return x[:, 0]
+        return self.model.layernorm(x[:, 0])
 
     def reference_forward(self, pixel_values):
         return self.model(pixel_values=pixel_values).pooler_output

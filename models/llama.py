@@ -31,8 +31,17 @@ class LlamaLayerAdapter(LayerAdapter):
     def residual_writers(self) -> list[nn.Linear]:
         return [self.o, self.fc_out]
 
+    def residual(self, x, block: str):
+        """The residual path around a block: identity, or SliceGPT's shortcut matrix between two rotations."""
+        shortcut = getattr(self.layer, f"{block}_shortcut", None)
+        return x if shortcut is None else shortcut(x)
+
+    def mlp_out(self, x):
+        h = self.mlp_norm(x)
+        return self.fc_out(self.act(self.gate(h)) * self.up(h))
+
     def mlp(self, x):
-        return x + self.fc_out(self.act(self.gate(self.mlp_norm(x))) * self.up(self.mlp_norm(x)))
+        return self.residual(x, "mlp") + self.mlp_out(x)
 
 
 class LlamaAdapter(ModelAdapter):
@@ -96,10 +105,16 @@ class LlamaAdapter(ModelAdapter):
     def artifact_files(self):
         return [f for f in TOKENIZER_FILES if (Path(self.folder) / f).exists()]
 
+    @property
+    def transformers_loadable(self) -> bool:
+        """False once SliceGPT's per_layer mode added shortcut matrices, which stock transformers does not know."""
+        return not any("shortcut" in name for name, _ in self.model.named_parameters())
+
     def describe(self):
         out = super().describe()
         out.update(kv_heads=self.kv_heads, intermediate_size=self.config.intermediate_size,
-                   vocab_size=self.config.vocab_size, tied_embeddings=self.lm_head.weight is self.embed_tokens.weight)
+                   vocab_size=self.config.vocab_size, tied_embeddings=self.lm_head.weight is self.embed_tokens.weight,
+                   transformers_loadable=self.transformers_loadable)
         return out
 
     def reference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:

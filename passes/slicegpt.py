@@ -3,7 +3,7 @@
 `portable` mode uses one rotation for the whole residual stream, so no shortcut matrices are needed: the result is
 a standard architecture with a smaller hidden size (for RMSNorm, a weightless norm over width D equals a standard
 RMSNorm over d with weight sqrt(D/d) and epsilon scaled by D/d), which `save_pretrained` writes and stock
-transformers loads.
+transformers loads. `per_layer` mode is the paper's: a rotation per residual boundary and shortcut matrices.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from compressor.pass_base import Pass, PassResult, register
 @dataclass
 class SliceGPTConfig:
     sparsity: float = field(default=0.25, metadata={"help": "fraction of the residual width to delete (0 = fold norms only)"})
-    mode: str = field(default="portable", metadata={"help": "portable: one shared rotation, a standard smaller model"})
+    mode: str = field(default="portable", metadata={"help": "portable: one shared rotation, a standard smaller model; per_layer: the paper's rotation per boundary with shortcut matrices"})
+    slice_head: bool = field(default=False, metadata={"help": "per_layer: also slice the LM head's input (portable always does)"})
     calibration_samples: int = field(default=128, metadata={"help": "calibration windows from the Wikipedia calibration articles"})
     calibration_len: int = field(default=512, metadata={"help": "tokens per calibration window"})
     seed: int = field(default=42, metadata={"help": "seed for the calibration window offsets"})
@@ -34,8 +35,8 @@ class SliceGPTConfig:
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity}")
-        if self.mode not in ("portable",):
-            raise ValueError(f"mode must be 'portable' (per_layer is not implemented yet), got {self.mode!r}")
+        if self.mode not in ("portable", "per_layer"):
+            raise ValueError(f"mode must be 'portable' or 'per_layer', got {self.mode!r}")
         if self.calibration_samples < 1 or self.calibration_len < 2 or self.batch < 1 or self.round_to < 1:
             raise ValueError("calibration_samples, batch and round_to must be >= 1 and calibration_len >= 2")
 
@@ -123,12 +124,77 @@ def rotate_and_slice(adapter, q: torch.Tensor, d: int) -> None:
     c.rms_norm_eps = eps
 
 
+def _moment(x: torch.Tensor, normalize: bool) -> torch.Tensor:
+    x = x.reshape(-1, x.shape[-1]).float()
+    if normalize:
+        x = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+    return (x.T @ x).double()
+
+
+def _set_norm(norm: nn.Module, width: int, d: int, eps: float) -> None:
+    """A weightless RMS norm over `width` acting on a d-dim slice: weight sqrt(width/d), epsilon eps*width/d."""
+    norm.weight = nn.Parameter(torch.full((d,), math.sqrt(width / d)), requires_grad=False)
+    norm.variance_epsilon = eps * width / d
+
+
+@torch.no_grad()
+def slice_per_layer(adapter, windows: torch.Tensor, d: int, cfg: SliceGPTConfig) -> float:
+    """The paper's mode: a PCA rotation per residual boundary, computed layer by layer from the already-sliced
+    upstream model (memory: one boundary's activations), with shortcut matrices Q_a^T Q_b on the residual paths.
+    Returns the mean fraction of variance kept over the boundaries."""
+    from compressor.decoder_program import rotary_and_bias, self_attention
+
+    ad, width, eps = adapter, adapter.config.hidden_size, adapter.config.rms_norm_eps
+    chunks = list(torch.split(windows, cfg.batch))
+    kept = []
+
+    def pca(moment, keep):
+        values, q = pca_rotation(moment, cfg.damping)
+        kept.append(float(values[:keep].sum() / values.sum()))
+        return q[:, :keep].float()
+
+    xs = [ad.embed_tokens(c) for c in chunks]
+    q_cur = pca(sum(_moment(x, cfg.normalize_tokens) for x in xs), d)
+    ad.embed_tokens.weight = nn.Parameter(ad.embed_tokens.weight @ q_cur, requires_grad=False)
+    ad.embed_tokens.embedding_dim = d
+    xs = [x @ q_cur for x in xs]
+    geometry = [rotary_and_bias(ad, x, torch.ones(x.shape[:2], dtype=torch.long), 0) for x in xs]
+    n = len(ad.layers)
+    for j, layer in enumerate(ad.layers):
+        for block in ("attn", "mlp"):
+            norm = layer.attn_norm if block == "attn" else layer.mlp_norm
+            _set_norm(norm, width, d, eps)
+            for lin in layer.residual_readers[f"{block}_norm"]:
+                _set_linear(lin, lin.weight @ q_cur)
+            writer = layer.o if block == "attn" else layer.fc_out
+            ys = []
+            for x, (cos, sin, bias) in zip(xs, geometry):
+                if block == "attn":
+                    out = writer(self_attention(ad, layer, norm(x), cos, sin, bias)[0])
+                else:
+                    out = layer.mlp_out(x)
+                ys.append(x @ q_cur.T + out)  # the block's output in the original (unrotated) basis
+            keep = width if (block == "mlp" and j == n - 1 and not cfg.slice_head) else d
+            q_next = pca(sum(_moment(y, cfg.normalize_tokens) for y in ys), keep)
+            shortcut = nn.Linear(q_cur.shape[1], keep, bias=False)
+            shortcut.weight = nn.Parameter((q_cur.T @ q_next).T.contiguous(), requires_grad=False)
+            setattr(layer.layer, f"{block}_shortcut", shortcut)
+            _set_linear(writer, q_next.T @ writer.weight)
+            xs = [y @ q_next for y in ys]
+            q_cur = q_next
+    final_d = q_cur.shape[1]
+    if final_d != width:
+        _set_norm(ad.final_norm_module, width, final_d, eps)
+    _set_linear(ad.lm_head, ad.lm_head.weight @ q_cur)
+    return float(sum(kept) / len(kept))
+
+
 @register
 class SliceGPT(Pass):
     name = "slicegpt"
     summary = "SliceGPT: fold norms, rotate the residual stream by PCA on calibration text, slice its width"
     Config = SliceGPTConfig
-    requires = frozenset({"pre_norm", "rms_norm"})
+    requires = frozenset({"pre_norm"})
     ensures = frozenset({"sliced"})
 
     def check(self, handle) -> None:
@@ -137,10 +203,14 @@ class SliceGPT(Pass):
                 f"slicegpt needs a pre-norm model; {handle.adapter.family} normalises after each residual add (post-norm), "
                 "so a rotation of the residual stream cannot pass through its norms (computational invariance breaks)"
             )
-        if "rms_norm" not in handle.capabilities:
-            raise UsageError(f"slicegpt supports RMSNorm (Llama-family) models so far; {handle.adapter.family} uses LayerNorm")
+        if handle.adapter.family not in ("llama", "dinov2"):
+            raise UsageError(f"slicegpt supports Llama-family and DINOv2 models so far, not {handle.adapter.family}")
+        if handle.adapter.family == "dinov2" and self.config.mode != "portable":
+            raise UsageError("slicegpt on DINOv2 supports mode = 'portable' only")
 
     def run(self, handle) -> PassResult:
+        if handle.adapter.family == "dinov2":
+            return self._run_vit(handle)
         cfg: SliceGPTConfig = self.config
         adapter = handle.adapter
         width = adapter.config.hidden_size
@@ -156,17 +226,51 @@ class SliceGPT(Pass):
 
         windows = calibration_windows(adapter.tokenizer_file, cfg.calibration_samples, cfg.calibration_len, cfg.seed)
         t = time.perf_counter()
-        moment = residual_second_moment(adapter, windows, cfg.batch, cfg.normalize_tokens)
-        values, q = pca_rotation(moment, cfg.damping)
         d = sliced_width(width, cfg.sparsity, cfg.round_to)
-        rotate_and_slice(adapter, q, d)
+        if cfg.mode == "portable":
+            moment = residual_second_moment(adapter, windows, cfg.batch, cfg.normalize_tokens)
+            values, q = pca_rotation(moment, cfg.damping)
+            rotate_and_slice(adapter, q, d)
+            kept = float(values[:d].sum() / values.sum())
+        else:
+            kept = slice_per_layer(adapter, windows, d, cfg)
         info.update(
+            mode=cfg.mode,
             width_after=d,
             calibration_tokens=int(windows.numel()),
             calibration_seconds=round(time.perf_counter() - t, 2),
-            kept_variance=float(values[:d].sum() / values.sum()),
+            kept_variance=kept,
+            shortcut_params=sum(p.numel() for n, p in adapter.model.named_parameters() if "shortcut" in n),
             params_before=params_before,
             params_after=sum(p.numel() for p in adapter.model.parameters()),
             lm_head_untied=True,
+            transformers_loadable=cfg.mode == "portable",
         )
+        return PassResult(modified=True, info=info)
+
+    def _run_vit(self, handle) -> PassResult:
+        """DINOv2: centre and fold LayerNorms, one PCA rotation on calibration images, slice (portable)."""
+        from compressor import data
+        from compressor.inputs import preprocessor
+        from compressor.vit_slicing import fold_layernorms, rotate_and_slice_vit, stream_second_moment
+
+        cfg: SliceGPTConfig = self.config
+        adapter = handle.adapter
+        width = adapter.config.hidden_size
+        params_before = sum(p.numel() for p in adapter.model.parameters())
+        fold_layernorms(adapter)
+        info = {"mode": "portable", "width_before": width, "params_before": params_before}
+        if cfg.sparsity > 0:
+            t = time.perf_counter()
+            images, _ = data.fashion_mnist("train")
+            start = 5000  # away from the images the benchmarks probe with
+            pixels = torch.from_numpy(preprocessor(handle)([images[start + i] for i in range(cfg.calibration_samples)])["pixel_values"])
+            moment = stream_second_moment(adapter, torch.split(pixels, cfg.batch), cfg.normalize_tokens)
+            values, q = pca_rotation(moment, cfg.damping)
+            d = sliced_width(width, cfg.sparsity, cfg.round_to)
+            rotate_and_slice_vit(adapter, q.float(), d)
+            info.update(width_after=d, calibration_images=cfg.calibration_samples,
+                        calibration_seconds=round(time.perf_counter() - t, 2),
+                        kept_variance=float(values[:d].sum() / values.sum()))
+        info["params_after"] = sum(p.numel() for p in adapter.model.parameters())
         return PassResult(modified=True, info=info)

@@ -17,7 +17,7 @@ from compressor.pass_base import Pass, PassResult, register
 
 @dataclass
 class TokenMergeConfig:
-    r: int | list[int] | None = field(default=None, metadata={"help": "tokens merged per layer: one int for every layer, or a list with one per layer"})
+    r: int | list[int] | None = field(default=None, metadata={"help": "tokens merged per layer: one int (8 when neither r nor reduction is given), or a list with one per layer"})
     reduction: float | None = field(default=None, metadata={"help": "target FLOPs reduction in (0, 1), e.g. 0.4; the pass picks the smallest constant r reaching it"})
     decay: float = field(default=1.0, metadata={"help": "per-layer factor on r: 1 keeps r constant, 0.5 halves it each layer (front-loaded merging)"})
     proportional_attention: bool = field(default=True, metadata={"help": "add log(token size) to attention logits"})

@@ -79,6 +79,19 @@ def test_portable_slicing_is_a_stock_llama(tmp_path, windows):
         assert torch.allclose(reloaded(input_ids=ids).logits, ad.reference_logits(ids), atol=1e-4)
 
 
+def test_per_layer_mode_matches_the_reference_architecture(windows):
+    handle = load("example:smollm2")
+    dense = perplexity(handle, windows)
+    Pipeline([SliceGPT(sparsity=0.25, mode="per_layer", calibration_samples=8, calibration_len=256)]).run(handle)
+    ad = handle.adapter
+    info = handle.history[0]["info"]
+    # the reference's parameter count at 25%: shortcut matrices added, LM head input left at full width
+    assert info["params_after"] == 140_678_784 and not ad.transformers_loadable
+    assert ad.layers[0].layer.attn_shortcut.weight.shape == (432, 432)
+    assert ad.layers[-1].layer.mlp_shortcut.weight.shape == (576, 432) and ad.lm_head.weight.shape == (49152, 576)
+    assert dense < perplexity(handle, windows) < 20 * dense
+
+
 def test_post_norm_models_are_refused():
     handle = load("example:minilm", batch=2, seq_len=16)
     with pytest.raises(UsageError, match="post-norm"):
@@ -141,3 +154,26 @@ def test_eval_perplexity_cli(smol_artifact, tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "ppl.json").read_text())
     assert result["windows"] == 1 and result["perplexity_dense"] > 1 and result["perplexity_compressed"] > 1
+
+
+def test_dinov2_layernorm_folding_is_exact_and_slicing_composes_with_merging():
+    from compressor.passes import TokenMerge
+
+    from .conftest import SMALL_IMAGE
+
+    handle = load("example:dinov2-small", **SMALL_IMAGE)
+    inputs = handle.example_inputs()
+    with torch.no_grad():
+        dense = handle.program(dense=True)(*inputs)
+    Pipeline([SliceGPT(sparsity=0.0)]).run(handle)
+    with torch.no_grad():
+        assert torch.allclose(handle.program(dense=True)(*inputs), dense, atol=1e-4)
+    handle = load("example:dinov2-small", **SMALL_IMAGE)
+    Pipeline([SliceGPT(sparsity=0.25, calibration_samples=8, normalize_tokens=True), TokenMerge(r=4)]).run(handle)
+    sliced, merged = handle.history
+    assert sliced["info"]["width_after"] == 288 and sliced["params_after"] < sliced["params_before"]
+    assert merged["flops_after"] < merged["flops_before"] < sliced["flops_before"]
+    with torch.no_grad():
+        out = handle.program()(*inputs)
+    assert out.shape == dense.shape == (2, 384)
+    assert torch.nn.functional.cosine_similarity(out, dense).min() > 0.7
