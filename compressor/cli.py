@@ -92,6 +92,12 @@ def _print_summary(out, manifest: dict, output) -> None:
     t.add_column("compressed", justify="right")
     t.add_row("FLOPs", _fmt_flops(manifest["flops"]["dense"]), _fmt_flops(manifest["flops"]["compressed"]))
     t.add_row("params", _fmt_params(manifest["params"]["dense"]), _fmt_params(manifest["params"]["compressed"]))
+    if "perplexity_onnx" in v:
+        t.add_row(f"perplexity ({v['windows']} held-out windows)", f"{v['perplexity_dense_torch']:.3f}", f"{v['perplexity_onnx']:.3f}")
+        out.print(t)
+        out.print(f"FLOPs ratio {manifest['flops']['ratio']:.2f}x; ONNX vs PyTorch perplexity gap {v['onnx_gap']:.1e}; "
+                  f"greedy agreement {v['greedy_agreement']:.2f}")
+        return
     counts = manifest["token_plan"]["token_counts"]
     t.add_row("tokens in -> out", f"{counts[0]} -> {counts[0]}", f"{counts[0]} -> {counts[-1]}")
     out.print(t)
@@ -136,18 +142,26 @@ def cmd_inspect(args) -> int:
     m = info["model"]
     t.add_row("family", f"{m['family']} ({m['modality']})")
     t.add_row("architecture", f"{m['layers']} layers, width {m['hidden_size']}, {m['heads']} heads")
-    t.add_row("inputs", ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in info["inputs"]))
+    shown = info["inputs"][:2] if len(info["inputs"]) > 4 else info["inputs"]
+    more = f", and {len(info['inputs']) - 2} past key/value inputs" if len(info["inputs"]) > 4 else ""
+    t.add_row("inputs", ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in shown) + more)
     if info["kind"] == "artifact":
         t.add_row("source", info["source"])
         t.add_row("passes", "; ".join(f"{p['name']} {p['options']}" for p in info["passes"]) or "none")
         t.add_row("FLOPs", f"{_fmt_flops(info['flops']['dense'])} dense -> {_fmt_flops(info['flops']['compressed'])} ({info['flops']['ratio']:.2f}x)")
         t.add_row("params", f"{_fmt_params(info['params']['dense'])} -> {_fmt_params(info['params']['compressed'])}")
         val = info["validation"]
-        t.add_row("validation", f"passed={val['passed']} cosine mean {val['cosine_to_dense_mean']:.4f} p5 {val['cosine_to_dense_p5']:.4f} agreement {val['onnx_vs_torch_agreement']:.3f}")
+        if "perplexity_onnx" in val:
+            t.add_row("validation", f"passed={val['passed']} perplexity {val['perplexity_dense_torch']:.3f} dense -> "
+                      f"{val['perplexity_onnx']:.3f} ONNX, gap to PyTorch {val['onnx_gap']:.1e}, greedy agreement {val['greedy_agreement']:.2f}")
+        else:
+            t.add_row("validation", f"passed={val['passed']} cosine mean {val['cosine_to_dense_mean']:.4f} p5 "
+                      f"{val['cosine_to_dense_p5']:.4f} agreement {val['onnx_vs_torch_agreement']:.3f}")
     else:
         t.add_row("params", _fmt_params(info["params"]))
         t.add_row("FLOPs", f"{_fmt_flops(info['flops'])} at {info['shapes']}")
-    t.add_row("tokens per layer", " -> ".join(str(c) for c in info["token_counts"]))
+    if m["modality"] != "causal_lm":
+        t.add_row("tokens per layer", " -> ".join(str(c) for c in info["token_counts"]))
     out.print(t)
     return EXIT_OK
 

@@ -177,3 +177,16 @@ def test_dinov2_layernorm_folding_is_exact_and_slicing_composes_with_merging():
         out = handle.program()(*inputs)
     assert out.shape == dense.shape == (2, 384)
     assert torch.nn.functional.cosine_similarity(out, dense).min() > 0.7
+
+
+def test_cli_shows_an_lm_artifact(smol_artifact):
+    from rich.console import Console
+
+    from compressor.cli import _print_summary
+
+    console = Console(record=True, width=200)
+    _print_summary(console, json.loads((smol_artifact / "manifest.json").read_text()), smol_artifact)
+    assert "perplexity" in console.export_text()
+    done = compress("inspect", str(smol_artifact))
+    assert done.returncode == 0, done.stderr
+    assert "llama" in done.stdout and "greedy agreement" in done.stdout
