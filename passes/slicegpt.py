@@ -114,14 +114,12 @@ def rotate_and_slice(adapter, q: torch.Tensor, d: int) -> None:
                 lin.bias = nn.Parameter((qd.T @ lin.bias.double()).float(), requires_grad=False)
     _set_linear(adapter.lm_head, adapter.lm_head.weight.double() @ qd)
     # weightless RMS over D == standard RMSNorm over d with weight sqrt(D/d) and eps * D/d
-    eps = adapter.config.rms_norm_eps * width / d
-    for norm in [m for layer in adapter.layers for m in (layer.attn_norm, layer.mlp_norm)] + [adapter.final_norm_module]:
-        norm.weight = nn.Parameter(torch.full((d,), math.sqrt(width / d)), requires_grad=False)
-        norm.variance_epsilon = eps
     c = adapter.config
+    for norm in [m for layer in adapter.layers for m in (layer.attn_norm, layer.mlp_norm)] + [adapter.final_norm_module]:
+        _set_norm(norm, width, d, c.rms_norm_eps)
     c.head_dim = adapter.head_dim
     c.hidden_size = d
-    c.rms_norm_eps = eps
+    c.rms_norm_eps = c.rms_norm_eps * width / d
 
 
 def _moment(x: torch.Tensor, normalize: bool) -> torch.Tensor:
