@@ -35,7 +35,7 @@ from compressor.inputs import feed_batches, preprocessor  # noqa: E402
 from compressor.pass_manager import Pipeline  # noqa: E402
 from compressor.pass_base import make_pass  # noqa: E402
 from compressor.capture import capture, graph_stats  # noqa: E402
-from compressor.runtime.model import make_session  # noqa: E402
+from compressor.runtime.model import make_session, run_in_batches  # noqa: E402
 from compressor.validate import cosine_rows  # noqa: E402
 
 THREADS = 2
@@ -54,15 +54,7 @@ class Eager:
 
 def embed_all(session, feeds: dict, batch: int) -> np.ndarray:
     """Run any number of samples through a static-batch session, padding the last batch."""
-    n = next(iter(feeds.values())).shape[0]
-    out = []
-    for s in range(0, n, batch):
-        chunk = {k: v[s:s + batch] for k, v in feeds.items()}
-        short = batch - next(iter(chunk.values())).shape[0]
-        if short:
-            chunk = {k: np.concatenate([v, np.repeat(v[-1:], short, 0)]) for k, v in chunk.items()}
-        out.append(session.run(None, chunk)[0][: batch - short])
-    return np.concatenate(out)
+    return run_in_batches(lambda chunk: session.run(None, chunk)[0], feeds, batch)
 
 
 def build_variants(source: str, shapes: dict, settings: list, workdir: Path):

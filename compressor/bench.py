@@ -49,12 +49,17 @@ def dense_export(manifest: dict) -> Path:
     return folder / MODEL_FILE
 
 
-def held_out_batch(manifest: dict):
-    from .handle import load
-    from .inputs import feed_batches
+def held_out_batch(path: Path, manifest: dict) -> dict:
+    """One compiled batch of held-out samples, pre-processed by the artifact's own stored config (no model load)."""
+    from compressor.runtime.preprocess import ImagePreprocessor, TextPreprocessor
 
-    handle = load(SourceInfo(**manifest["source"]).reload_spec, **manifest["shapes"])
-    return feed_batches(handle, "validation", manifest["shapes"]["batch"])[0]
+    from . import data
+
+    pre, shapes = manifest["preprocess"], manifest["shapes"]
+    if pre["kind"] == "text":
+        return TextPreprocessor(path / pre["tokenizer"], shapes["seq_len"], pre["pad_id"])(data.text_split("validation", shapes["batch"]))
+    images = data.image_split("validation", shapes["batch"])
+    return ImagePreprocessor(pre["size"], pre["mean"], pre["std"], pre.get("resample", "bicubic"))(images)
 
 
 def time_interleaved(sessions: dict, feeds: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
@@ -82,7 +87,7 @@ def bench_artifact(path: str | Path, repeats: int = 20, warmup: int = 3, threads
     dense_path = dense_export(manifest)
     if manifest["preprocess"]["kind"] == "causal_lm":
         return bench_decoder(path, manifest, dense_path, repeats, warmup, threads, step)
-    feeds = held_out_batch(manifest)
+    feeds = held_out_batch(path, manifest)
     sessions = {"dense": make_session(dense_path, threads=threads), "compressed": make_session(path / manifest["model_file"], threads=threads)}
     step(f"timing {repeats} interleaved runs per model")
     times = time_interleaved(sessions, feeds, repeats, warmup)

@@ -34,8 +34,6 @@ class ModelHandle:
         ad = self.adapter
         caps = {ad.modality, ad.family, f"{ad.norm_placement}_norm"}
         caps.add("decoder" if ad.modality == "causal_lm" else "encoder")
-        if ad.family == "llama":
-            caps.add("rms_norm")
         if any(self.plan.merges):
             caps.add("token_plan")
         return caps

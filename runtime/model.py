@@ -25,6 +25,20 @@ def make_session(model_path: Path, providers=None, threads: int | None = None) -
     return ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
 
 
+def run_in_batches(run, feeds: dict[str, np.ndarray], batch: int) -> np.ndarray:
+    """Split any number of samples into static batches, repeat the last sample to fill the final one, and stack
+    the first output of `run(feeds)` without the filler rows."""
+    n = next(iter(feeds.values())).shape[0]
+    out = []
+    for start in range(0, n, batch):
+        chunk = {k: v[start:start + batch] for k, v in feeds.items()}
+        short = batch - next(iter(chunk.values())).shape[0]
+        if short:
+            chunk = {k: np.concatenate([v, np.repeat(v[-1:], short, axis=0)]) for k, v in chunk.items()}
+        out.append(run(chunk)[: batch - short])
+    return np.concatenate(out)
+
+
 class CompiledModel:
     def __init__(self, folder: Path, manifest: dict, providers=None, threads: int | None = None):
         self.folder = folder
@@ -62,15 +76,9 @@ class CompiledModel:
 
     def _run_padded(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Split any number of samples into compiled batches, padding the last one, and stack the first output."""
-        n = next(iter(feeds.values())).shape[0]
-        out = []
-        for start in range(0, n, self.batch):
-            chunk = {k: v[start:start + self.batch] for k, v in feeds.items()}
-            short = self.batch - next(iter(chunk.values())).shape[0]
-            if short:
-                chunk = {k: np.concatenate([v, np.repeat(v[-1:], short, axis=0)]) for k, v in chunk.items()}
-            out.append(self.run(chunk)[self.outputs[0]][: self.batch - short])
-        return np.concatenate(out) if out else np.zeros((0,) + tuple(self.manifest["outputs"][0]["shape"][1:]), np.float32)
+        if next(iter(feeds.values())).shape[0] == 0:
+            return np.zeros((0,) + tuple(self.manifest["outputs"][0]["shape"][1:]), np.float32)
+        return run_in_batches(lambda chunk: self.run(chunk)[self.outputs[0]], feeds, self.batch)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Embed texts with a text encoder: tokenize, pad/truncate to the compiled length, batch, pool."""
