@@ -28,8 +28,8 @@ def rotary_and_bias(ad: LlamaAdapter, x: torch.Tensor, attention_mask: torch.Ten
     s = x.shape[1]
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, past_len:]
     cos, sin = ad.rotary(x, positions)
-    key_pos = torch.arange(past_len + s)[None, :]
-    query_pos = (torch.arange(s) + past_len)[:, None]
+    key_pos = torch.arange(past_len + s, device=x.device)[None, :]
+    query_pos = (torch.arange(s, device=x.device) + past_len)[:, None]
     allowed = (key_pos <= query_pos)[None, None] & (attention_mask[:, None, None, :] == 1)
     return cos[:, None], sin[:, None], torch.where(allowed, 0.0, MASK_BIAS).to(x.dtype)
 
@@ -73,13 +73,15 @@ class DecoderProgram(nn.Module):
         return (ad.lm_head(ad.final_norm_module(x)), *presents)
 
 
-def empty_past(adapter: LlamaAdapter, batch: int) -> list[torch.Tensor]:
+def empty_past(adapter: LlamaAdapter, batch: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
     """The one-slot dummy past that a prefill passes (masked out by a leading 0 in the attention mask)."""
     shape = (batch, adapter.kv_heads, 1, adapter.head_dim)
-    return [torch.zeros(shape) for _ in range(2 * len(adapter.layers))]
+    return [torch.zeros(shape, device=device) for _ in range(2 * len(adapter.layers))]
 
 
 def prefill_inputs(adapter: LlamaAdapter, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Inputs of a prefill on the device of `input_ids`."""
     b, s = input_ids.shape
-    mask = torch.cat([torch.zeros(b, 1, dtype=torch.long), torch.ones(b, s, dtype=torch.long)], dim=1)
-    return (input_ids, mask, *empty_past(adapter, b))
+    mask = torch.ones(b, s + 1, dtype=torch.long, device=input_ids.device)
+    mask[:, 0] = 0
+    return (input_ids, mask, *empty_past(adapter, b, input_ids.device))

@@ -30,6 +30,7 @@ class SliceGPTConfig:
     round_to: int = field(default=8, metadata={"help": "sliced width is rounded down to a multiple of this"})
     damping: float = field(default=0.01, metadata={"help": "diagonal damping, relative to the mean eigenvalue"})
     normalize_tokens: bool = field(default=False, metadata={"help": "PCA of per-token normalised activations (tames massive activations)"})
+    tie_head: bool = field(default=False, metadata={"help": "portable: keep the LM head tied to the embedding (fits the final norm's weight instead; saves vocab x width parameters)"})
     batch: int = field(default=8, metadata={"help": "calibration windows per forward pass"})
 
     def __post_init__(self):
@@ -37,6 +38,8 @@ class SliceGPTConfig:
             raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity}")
         if self.mode not in ("portable", "per_layer"):
             raise ValueError(f"mode must be 'portable' or 'per_layer', got {self.mode!r}")
+        if self.tie_head and self.mode != "portable":
+            raise ValueError("tie_head needs mode = 'portable' (per_layer leaves the head's input at another basis)")
         if self.calibration_samples < 1 or self.calibration_len < 2 or self.batch < 1 or self.round_to < 1:
             raise ValueError("calibration_samples, batch and round_to must be >= 1 and calibration_len >= 2")
 
@@ -120,6 +123,36 @@ def rotate_and_slice(adapter, q: torch.Tensor, d: int) -> None:
     c.head_dim = adapter.head_dim
     c.hidden_size = d
     c.rms_norm_eps = c.rms_norm_eps * width / d
+
+
+@torch.no_grad()
+def tie_head(adapter, windows: torch.Tensor, batch: int) -> float:
+    """Share the embedding with the LM head again after portable slicing; returns the relative logit error left.
+
+    Folding the final norm's scale g made the head E diag(g) Q_d, which the embedding E Q_d cannot express; the
+    head becomes E Q_d diag(h) instead, with h (the final norm's new weight) fitted by least squares on the logits:
+    h = argmin E||E_d diag(h) z - H z||^2 over the final norm's outputs z, i.e. (G o C) h = diag(E_d^T H C) with
+    G = E_d^T E_d and C = E[z z^T]. A recovery step (the distill pass) trains away what remains.
+    """
+    norm, head, emb = adapter.final_norm_module, adapter.lm_head, adapter.embed_tokens
+    d = emb.weight.shape[1]
+    c = torch.zeros(d, d, dtype=torch.float64)
+    handle = norm.register_forward_hook(lambda _m, _a, out: c.add_(_moment(out, False)))
+    try:
+        for ids in torch.split(windows, batch):
+            adapter.model.model(input_ids=ids, use_cache=False)
+    finally:
+        handle.remove()
+    e, h_untied = emb.weight.double(), head.weight.double()
+    g = e.T @ e
+    cross = e.T @ h_untied
+    h = torch.linalg.solve(g * c, (cross @ c).diagonal())
+    total = torch.trace(h_untied.T @ h_untied @ c)  # E||H z||^2
+    left = torch.trace((torch.diag(h) @ g @ torch.diag(h) - 2 * torch.diag(h) @ cross) @ c) + total
+    norm.weight = nn.Parameter((norm.weight.double() * h).float(), requires_grad=False)
+    adapter.model.lm_head.weight = emb.weight
+    adapter.model.config.tie_word_embeddings = True
+    return float((left.clamp(min=0) / total).sqrt())
 
 
 def _moment(x: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -230,6 +263,8 @@ class SliceGPT(Pass):
             values, q = pca_rotation(moment, cfg.damping)
             rotate_and_slice(adapter, q, d)
             kept = float(values[:d].sum() / values.sum())
+            if cfg.tie_head:
+                info["tied_head_logit_error"] = tie_head(adapter, windows[: max(cfg.batch, len(windows) // 4)], cfg.batch)
         else:
             kept = slice_per_layer(adapter, windows, d, cfg)
         info.update(
@@ -241,7 +276,7 @@ class SliceGPT(Pass):
             shortcut_params=sum(p.numel() for n, p in adapter.model.named_parameters() if "shortcut" in n),
             params_before=params_before,
             params_after=sum(p.numel() for p in adapter.model.parameters()),
-            lm_head_untied=True,
+            lm_head_untied=not cfg.tie_head,
             transformers_loadable=cfg.mode == "portable",
         )
         return PassResult(modified=True, info=info)

@@ -190,3 +190,46 @@ def test_cli_shows_an_lm_artifact(smol_artifact):
     done = compress("inspect", str(smol_artifact))
     assert done.returncode == 0, done.stderr
     assert "llama" in done.stdout and "greedy agreement" in done.stdout
+
+
+def test_tied_head_slicing_then_distillation_keeps_a_stock_tied_llama(tmp_path, windows):
+    """tie_head shares the embedding with the head again; distill lowers KL to the teacher and keeps the tie."""
+    from transformers import AutoModelForCausalLM
+
+    from compressor.passes import Distill
+
+    handle = load("example:smollm2")
+    options = {k: v for k, v in SMALL_SLICE.items() if k != "name"}
+    Pipeline([SliceGPT(**{**options, "sparsity": 0.15, "tie_head": True})]).run(handle)
+    ad = handle.adapter
+    sliced = handle.history[0]
+    assert ad.lm_head.weight is ad.embed_tokens.weight and ad.config.hidden_size == 488
+    assert sliced["params_after"] < 0.85 * sliced["params_before"]  # the tie saves vocab x width parameters
+    assert 0 < sliced["info"]["tied_head_logit_error"] < 1 and not sliced["info"]["lm_head_untied"]
+    before = {n: p.clone() for n, p in ad.model.named_parameters()}
+    Pipeline([Distill(steps=3, batch=2, seq_len=64, lr=1e-4, warmup=0.0, eval_windows=2, device="cpu")]).run(handle)
+    info = handle.history[1]["info"]
+    assert info["steps"] == 3 and info["tokens"] == 3 * 2 * 64 and info["device"].startswith("cpu")
+    assert info["eval_kl_after"] < info["eval_kl_before"]
+    assert ad.lm_head.weight is ad.embed_tokens.weight  # the tie survives training
+    assert all(not p.requires_grad for p in ad.model.parameters()) and not ad.model.training
+    assert all(not torch.equal(p, before[n]) for n, p in ad.model.named_parameters())
+    assert handle.history[1]["params_after"] == sliced["params_after"]
+    ad.model.save_pretrained(str(tmp_path))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    ids = torch.from_numpy(windows[:1, :64])
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, ad.reference_logits(ids), atol=1e-4)
+
+
+def test_recovery_options_are_checked():
+    from compressor.passes import Distill
+
+    with pytest.raises(UsageError, match="tie_head needs mode = 'portable'"):
+        SliceGPT(tie_head=True, mode="per_layer")
+    with pytest.raises(UsageError, match="device must be"):
+        Distill(device="tpu")
+    handle = load("example:minilm", batch=2, seq_len=16)
+    with pytest.raises(UsageError, match="requires \\['causal_lm'\\]"):
+        Pipeline([Distill(steps=1)]).run(handle)

@@ -1,0 +1,150 @@
+"""distill: a bounded recovery step for compressed language models (knowledge distillation, off unless asked for).
+
+The student is the model as earlier passes left it (any SliceGPT mode: the shortcut matrices train too); the teacher
+is the original model reloaded from the source. The loss is the token-level KL divergence from the teacher's
+next-token distribution to the student's, on windows drawn from the calibration articles only (never the held-out
+text that validation and the benchmarks read), so the student learns to imitate the teacher, not the text.
+Full fine-tuning keeps the architecture: a portable SliceGPT model stays a stock transformers model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from compressor.pass_base import Pass, PassResult, register
+
+
+@dataclass
+class DistillConfig:
+    steps: int = field(default=100, metadata={"help": "optimizer steps (each reads batch x seq_len calibration tokens)"})
+    batch: int = field(default=2, metadata={"help": "windows per step"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per window"})
+    lr: float = field(default=1e-4, metadata={"help": "peak AdamW learning rate (linear warm-up, cosine decay to 10%)"})
+    warmup: float = field(default=0.1, metadata={"help": "fraction of the steps spent warming up"})
+    temperature: float = field(default=1.0, metadata={"help": "softmax temperature of teacher and student"})
+    train: str = field(default="all", metadata={"help": "all: every weight; blocks: the transformer blocks only (embeddings and head frozen)"})
+    max_seconds: float = field(default=0.0, metadata={"help": "stop early after this much wall time (0: no limit)"})
+    seed: int = field(default=1234, metadata={"help": "seed for the training windows (differs from slicegpt's calibration seed)"})
+    eval_windows: int = field(default=4, metadata={"help": "calibration windows (another seed) on which KL is reported before and after"})
+    device: str = field(default="auto", metadata={"help": "where to train: cpu, cuda, or auto (cuda when available); the model returns to the CPU after"})
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch < 1 or self.seq_len < 8 or self.eval_windows < 1:
+            raise ValueError("steps, batch and eval_windows must be >= 1 and seq_len >= 8")
+        if not 0 < self.lr < 1 or not 0 <= self.warmup < 1 or self.temperature <= 0 or self.max_seconds < 0:
+            raise ValueError("lr must lie in (0, 1), warmup in [0, 1), temperature > 0, max_seconds >= 0")
+        if self.train not in ("all", "blocks"):
+            raise ValueError(f"train must be 'all' or 'blocks', got {self.train!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+
+
+def kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student), in nats, scaled by T^2 as in Hinton et al."""
+    t = temperature
+    s = F.log_softmax(student_logits.float() / t, dim=-1).flatten(0, -2)
+    p = F.log_softmax(teacher_logits.float() / t, dim=-1).flatten(0, -2)
+    return F.kl_div(s, p, log_target=True, reduction="batchmean") * t * t
+
+
+def learning_rate(step: int, cfg: DistillConfig) -> float:
+    warm = max(1, int(cfg.warmup * cfg.steps))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, cfg.steps - warm)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def training_device(choice: str) -> torch.device:
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        from compressor.errors import UsageError
+
+        raise UsageError("distill: device = 'cuda' but torch sees no CUDA device (use device = 'cpu' or 'auto')")
+    return torch.device(choice)
+
+
+@register
+class Distill(Pass):
+    name = "distill"
+    summary = "bounded recovery: distil the compressed language model towards the original on calibration text"
+    Config = DistillConfig
+    requires = frozenset({"causal_lm"})
+    ensures = frozenset({"distilled"})
+
+    def run(self, handle) -> PassResult:
+        from compressor.decoder_program import prefill_inputs
+        from compressor.lm_data import calibration_windows
+        from compressor.source import load_source
+
+        cfg: DistillConfig = self.config
+        ad = handle.adapter
+        device = training_device(cfg.device)
+        teacher, _ = load_source(handle.source.reload_spec)
+        teacher.model.requires_grad_(False).to(device)
+        ad.model.to(device)
+        student = handle.program()
+
+        def student_logits(ids):
+            return student(*prefill_inputs(ad, ids))[0]
+
+        eval_ids = calibration_windows(ad.tokenizer_file, cfg.eval_windows, cfg.seq_len, cfg.seed + 1).to(device)
+        with torch.no_grad():
+            eval_teacher = teacher.reference_logits(eval_ids)
+
+        def eval_kl() -> float:
+            with torch.no_grad():
+                return float(kl_per_token(student_logits(eval_ids), eval_teacher))
+
+        kl_before = eval_kl()
+        params = [p for n, p in ad.model.named_parameters() if cfg.train == "all" or ".layers." in n]
+        for p in ad.model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        windows = calibration_windows(ad.tokenizer_file, cfg.steps * cfg.batch, cfg.seq_len, cfg.seed)
+        losses, start, done = [], time.perf_counter(), 0
+        ad.model.train()
+        try:
+            for step, ids in enumerate(torch.split(windows.to(device), cfg.batch)):
+                for group in opt.param_groups:
+                    group["lr"] = learning_rate(step, cfg)
+                with torch.no_grad():
+                    target = teacher.reference_logits(ids)
+                loss = kl_per_token(student_logits(ids), target, cfg.temperature)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                losses.append(float(loss.detach()))
+                done = step + 1
+                if cfg.max_seconds and time.perf_counter() - start > cfg.max_seconds:
+                    break
+            seconds = time.perf_counter() - start
+            ad.model.eval()
+            kl_after = eval_kl()
+        finally:
+            ad.model.eval()
+            ad.model.requires_grad_(False)
+            ad.model.to("cpu")
+        del teacher
+        head = max(1, len(losses) // 10)
+        return PassResult(modified=True, info={
+            "steps": done,
+            "tokens": done * cfg.batch * cfg.seq_len,
+            "seconds": round(seconds, 1),
+            "seconds_per_step": round(seconds / max(1, done), 2),
+            "device": str(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+            "trained_params": sum(p.numel() for p in params),
+            "loss_first": sum(losses[:head]) / head,
+            "loss_last": sum(losses[-head:]) / head,
+            "eval_kl_before": kl_before,
+            "eval_kl_after": kl_after,
+        })
