@@ -39,7 +39,9 @@ class SliceGPTConfig:
         if self.mode not in ("portable", "per_layer"):
             raise ValueError(f"mode must be 'portable' or 'per_layer', got {self.mode!r}")
         if self.tie_head and self.mode != "portable":
-            raise ValueError("tie_head needs mode = 'portable' (per_layer leaves the head's input at another basis)")
+            raise ValueError("tie_head needs mode = 'portable' (per_layer rotates the embedding and the head's input differently, so they cannot share weights)")
+        if self.tie_head and self.sparsity == 0.0:
+            raise ValueError("tie_head applies to sliced models (sparsity > 0)")
         if self.calibration_samples < 1 or self.calibration_len < 2 or self.batch < 1 or self.round_to < 1:
             raise ValueError("calibration_samples, batch and round_to must be >= 1 and calibration_len >= 2")
 
@@ -150,7 +152,7 @@ def tie_head(adapter, windows: torch.Tensor, batch: int) -> float:
     total = torch.trace(h_untied.T @ h_untied @ c)  # E||H z||^2
     left = torch.trace((torch.diag(h) @ g @ torch.diag(h) - 2 * torch.diag(h) @ cross) @ c) + total
     norm.weight = nn.Parameter((norm.weight.double() * h).float(), requires_grad=False)
-    adapter.model.lm_head.weight = emb.weight
+    head.weight = emb.weight
     adapter.model.config.tie_word_embeddings = True
     return float((left.clamp(min=0) / total).sqrt())
 
@@ -236,8 +238,8 @@ class SliceGPT(Pass):
             )
         if handle.adapter.family not in ("llama", "dinov2"):
             raise UsageError(f"slicegpt supports Llama-family and DINOv2 models so far, not {handle.adapter.family}")
-        if handle.adapter.family == "dinov2" and self.config.mode != "portable":
-            raise UsageError("slicegpt on DINOv2 supports mode = 'portable' only")
+        if handle.adapter.family == "dinov2" and (self.config.mode != "portable" or self.config.tie_head):
+            raise UsageError("slicegpt on DINOv2 supports mode = 'portable' only, without tie_head (it has no LM head)")
 
     def run(self, handle) -> PassResult:
         if handle.adapter.family == "dinov2":

@@ -228,6 +228,8 @@ def test_recovery_options_are_checked():
 
     with pytest.raises(UsageError, match="tie_head needs mode = 'portable'"):
         SliceGPT(tie_head=True, mode="per_layer")
+    with pytest.raises(UsageError, match="sparsity > 0"):
+        SliceGPT(tie_head=True, sparsity=0.0)
     with pytest.raises(UsageError, match="device must be"):
         Distill(device="tpu")
     handle = load("example:minilm", batch=2, seq_len=16)
