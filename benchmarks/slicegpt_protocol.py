@@ -1,6 +1,7 @@
 """SliceGPT on SmolLM2-135M under the reference implementation's protocol, both modes, several sparsities.
 
     python benchmarks/slicegpt_protocol.py --out benchmarks/slicegpt.json [--windows 64] [--samples 128]
+    python benchmarks/slicegpt_protocol.py --stripper gensim --modes per_layer --out benchmarks/slicegpt_gensim_text.json
 
 Calibration: 128 x 512 tokens (seed 42) from the first 80% of the gensim Wikipedia articles (84, file order).
 Perplexity: non-overlapping 512-token windows over the remaining 22 articles (64 windows), mean NLL, exp.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -57,7 +59,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sparsities", default="0.2,0.25,0.3")
     parser.add_argument("--modes", default="per_layer,portable")
+    parser.add_argument("--stripper", default="builtin", choices=["builtin", "gensim"],
+                        help="wiki markup stripper: ours, or gensim's filter_wiki (needs gensim; closer to the reference's text)")
     args = parser.parse_args()
+    os.environ["COMPRESSOR_WIKI_STRIPPER"] = args.stripper
     torch.set_num_threads(args.threads)
     windows = held_out_windows(load("example:smollm2").adapter.tokenizer_file, 512, args.windows)
     rows = [run(None, 0.0, args.samples, windows), run("portable", 0.0, args.samples, windows)]
@@ -65,7 +70,8 @@ def main() -> int:
     for mode in args.modes.split(","):
         for s in (float(x) for x in args.sparsities.split(",")):
             rows.append(run(mode, s, args.samples, windows))
-    result = {"windows": int(len(windows)), "calibration": f"{args.samples} x 512", "threads": args.threads, "rows": rows}
+    result = {"windows": int(len(windows)), "calibration": f"{args.samples} x 512", "threads": args.threads,
+              "stripper": args.stripper, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     from rich.console import Console

@@ -2,16 +2,21 @@
 
 A small, deterministic markup stripper: templates, tables, references, files and categories go; links keep their
 label; bold/italic quotes, headings markup and HTML tags go. Articles keep file order.
+`COMPRESSOR_WIKI_STRIPPER=gensim` uses gensim's own `filter_wiki` instead (gensim must be installed): the
+reference-protocol benchmark uses it to compare with the SliceGPT reference's perplexities, whose text it matches
+more closely.
 """
 
 from __future__ import annotations
 
 import bz2
+import os
 import html
 import re
 import xml.etree.ElementTree as ET
 
 from .data import gensim_test_data
+from .errors import UsageError
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
@@ -69,8 +74,22 @@ def strip_markup(text: str) -> str:
     return _BLANKS.sub("\n\n", "\n".join(lines)).strip()
 
 
+def markup_stripper():
+    choice = os.environ.get("COMPRESSOR_WIKI_STRIPPER", "builtin")
+    if choice == "builtin":
+        return strip_markup
+    if choice == "gensim":
+        try:
+            from gensim.corpora.wikicorpus import filter_wiki
+        except ImportError:
+            raise UsageError("COMPRESSOR_WIKI_STRIPPER=gensim needs gensim installed (pip install gensim==4.4.0)") from None
+        return filter_wiki
+    raise UsageError(f"COMPRESSOR_WIKI_STRIPPER must be 'builtin' or 'gensim', got {choice!r}")
+
+
 def wiki_articles(min_chars: int = 200) -> list[tuple[str, str]]:
     """(title, plain text) of every main-namespace, non-redirect article, in file order."""
+    strip = markup_stripper()
     raw = bz2.decompress((gensim_test_data() / WIKI_FILE).read_bytes())
     root = ET.fromstring(raw)
     ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
@@ -81,8 +100,8 @@ def wiki_articles(min_chars: int = 200) -> list[tuple[str, str]]:
         text = page.findtext(f"{ns}revision/{ns}text") or ""
         if text.lstrip().lower().startswith("#redirect"):
             continue
-        plain = strip_markup(text)
-        if len(plain) >= min_chars:
+        plain = strip(text)
+        if len(plain.strip()) >= min_chars:
             articles.append((page.findtext(f"{ns}title") or "", plain))
     return articles
 
