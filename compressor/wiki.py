@@ -10,8 +10,8 @@ more closely.
 from __future__ import annotations
 
 import bz2
-import os
 import html
+import os
 import re
 import xml.etree.ElementTree as ET
 

@@ -89,30 +89,30 @@ class Distill(Pass):
         teacher, _ = load_source(handle.source.reload_spec)
         teacher.model.requires_grad_(False).to(device)
         ad.model.to(device)
-        student = handle.program()
+        try:  # the model returns to the CPU, in eval mode and frozen, whatever happens
+            student = handle.program()
 
-        def student_logits(ids):
-            return student(*prefill_inputs(ad, ids))[0]
+            def student_logits(ids):
+                return student(*prefill_inputs(ad, ids))[0]
 
-        eval_ids = calibration_windows(ad.tokenizer_file, cfg.eval_windows, cfg.seq_len, cfg.seed + 1).to(device)
-        with torch.no_grad():
-            eval_teacher = teacher.reference_logits(eval_ids)
-
-        def eval_kl() -> float:
+            eval_ids = calibration_windows(ad.tokenizer_file, cfg.eval_windows, cfg.seq_len, cfg.seed + 1).to(device)
             with torch.no_grad():
-                return float(kl_per_token(student_logits(eval_ids), eval_teacher))
+                eval_teacher = teacher.reference_logits(eval_ids)
 
-        kl_before = eval_kl()
-        params = [p for n, p in ad.model.named_parameters() if cfg.train == "all" or ".layers." in n]
-        for p in ad.model.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        windows = calibration_windows(ad.tokenizer_file, cfg.steps * cfg.batch, cfg.seq_len, cfg.seed)
-        losses, start, done = [], time.perf_counter(), 0
-        ad.model.train()
-        try:
+            def eval_kl() -> float:
+                with torch.no_grad():
+                    return float(kl_per_token(student_logits(eval_ids), eval_teacher))
+
+            kl_before = eval_kl()
+            params = [p for n, p in ad.model.named_parameters() if cfg.train == "all" or ".layers." in n]
+            for p in ad.model.parameters():
+                p.requires_grad_(False)
+            for p in params:
+                p.requires_grad_(True)
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+            windows = calibration_windows(ad.tokenizer_file, cfg.steps * cfg.batch, cfg.seq_len, cfg.seed)
+            losses, start, done = [], time.perf_counter(), 0
+            ad.model.train()
             for step, ids in enumerate(torch.split(windows.to(device), cfg.batch)):
                 for group in opt.param_groups:
                     group["lr"] = learning_rate(step, cfg)
