@@ -74,9 +74,11 @@ class _PassPrinter:
 
     def after_pass(self, p, record):
         info = record["info"]
-        if "schedule" in info:
+        if "token_counts" in info:
             self.console.print(f"  schedule (tokens merged per layer): {info['schedule']}")
             self.console.print(f"  tokens per layer: {info['token_counts']}")
+        if "boundary_widths" in info:
+            self.console.print(f"  residual widths per boundary ({info['width_schedule']}): {info['boundary_widths']}")
         ratio = record["flops_before"] / max(record["flops_after"], 1)
         self.console.print(f"  {record['seconds'] * 1000:.1f} ms, FLOPs {_fmt_flops(record['flops_before'])} -> "
                          f"{_fmt_flops(record['flops_after'])} ({ratio:.2f}x), probe cosine {record['probe']['cosine_to_previous_mean']:.4f}")

@@ -32,6 +32,7 @@ class SliceGPTConfig:
     normalize_tokens: bool = field(default=False, metadata={"help": "PCA of per-token normalised activations (tames massive activations)"})
     tie_head: bool = field(default=False, metadata={"help": "portable: keep the LM head tied to the embedding (fits the final norm's weight instead; saves vocab x width parameters)"})
     batch: int = field(default=8, metadata={"help": "calibration windows per forward pass"})
+    schedule: str = field(default="uniform", metadata={"help": "per_layer: uniform (every boundary at the same width) or spectrum (widths from each boundary's eigen-spectrum, same total)"})
 
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:
@@ -42,6 +43,12 @@ class SliceGPTConfig:
             raise ValueError("tie_head needs mode = 'portable' (per_layer rotates the embedding and the head's input differently, so they cannot share weights)")
         if self.tie_head and self.sparsity == 0.0:
             raise ValueError("tie_head applies to sliced models (sparsity > 0)")
+        if self.schedule not in ("uniform", "spectrum"):
+            raise ValueError(f"schedule must be 'uniform' or 'spectrum', got {self.schedule!r}")
+        if self.schedule == "spectrum" and self.mode != "per_layer":
+            raise ValueError("schedule = 'spectrum' needs mode = 'per_layer' (portable shares one rotation, so every boundary has the same width)")
+        if self.schedule == "spectrum" and self.sparsity == 0.0:
+            raise ValueError("schedule = 'spectrum' applies to sliced models (sparsity > 0)")
         if self.calibration_samples < 1 or self.calibration_len < 2 or self.batch < 1 or self.round_to < 1:
             raise ValueError("calibration_samples, batch and round_to must be >= 1 and calibration_len >= 2")
 
@@ -66,26 +73,32 @@ def fold_norms(adapter) -> None:
 
 
 @torch.no_grad()
-def residual_second_moment(adapter, windows: torch.Tensor, batch: int, normalize: bool) -> torch.Tensor:
-    """Sum of x x^T over every token at every residual boundary (each norm's input), accumulated in float64."""
+def boundary_moments(adapter, windows: torch.Tensor, batch: int, normalize: bool, combined: bool = False) -> list[torch.Tensor]:
+    """Sum of x x^T over every token at each residual boundary (each norm's input, in order: layer 0's attention
+    norm, its MLP norm, ..., the final norm), accumulated in float64; with `combined`, one sum over all of them
+    (one width x width matrix in memory, not one per boundary)."""
     width = adapter.config.hidden_size
-    acc = torch.zeros(width, width, dtype=torch.float64)
     norms = [m for layer in adapter.layers for m in (layer.attn_norm, layer.mlp_norm)] + [adapter.final_norm_module]
+    moments = [torch.zeros(width, width, dtype=torch.float64) for _ in range(1 if combined else len(norms))]
 
-    def hook(_module, args):
-        x = args[0].reshape(-1, width).float()
-        if normalize:
-            x = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-6)
-        acc.add_((x.T @ x).double())
+    def accumulate(acc):
+        def hook(_module, args):  # returns None: the norm's input is left as it is
+            acc.add_(_moment(args[0], normalize))
+        return hook
 
-    handles = [n.register_forward_pre_hook(hook) for n in norms]
+    handles = [n.register_forward_pre_hook(accumulate(moments[0 if combined else k])) for k, n in enumerate(norms)]
     try:
         for i in range(0, len(windows), batch):
             adapter.model.model(input_ids=windows[i:i + batch], use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return acc
+    return moments
+
+
+def residual_second_moment(adapter, windows: torch.Tensor, batch: int, normalize: bool) -> torch.Tensor:
+    """Sum of x x^T over every token at every residual boundary, float64 (portable mode's one rotation)."""
+    return boundary_moments(adapter, windows, batch, normalize, combined=True)[0]
 
 
 def pca_rotation(moment: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,14 +183,33 @@ def _set_norm(norm: nn.Module, width: int, d: int, eps: float) -> None:
     norm.variance_epsilon = eps * width / d
 
 
+def per_layer_widths(adapter, windows: torch.Tensor, d: int, cfg: SliceGPTConfig) -> list[int]:
+    """Width of every residual boundary (embedding output, then after each attention and each MLP block): d each,
+    or (schedule = spectrum) chosen from each boundary's eigen-spectrum in the folded model (per-token normalised
+    second moments over a quarter of the calibration windows) with the same total.
+    The head's input stays at full width unless slice_head."""
+    width = adapter.config.hidden_size
+    n = 2 * len(adapter.layers) + (1 if cfg.slice_head else 0)
+    widths = [d] * n
+    if cfg.schedule == "spectrum":
+        from compressor.slice_schedule import spectrum_widths
+
+        sample = windows[: max(cfg.batch, len(windows) // 4)]  # a spectrum's shape needs fewer tokens than a rotation
+        spectra = [torch.linalg.eigvalsh(m).flip(0) for m in boundary_moments(adapter, sample, cfg.batch, True)[:n]]
+        low = max(cfg.round_to, d - (width - d) // cfg.round_to * cfg.round_to)
+        widths = spectrum_widths(spectra, d, cfg.round_to, low, width // cfg.round_to * cfg.round_to)
+    return widths + [width] * (2 * len(adapter.layers) + 1 - n)
+
+
 @torch.no_grad()
-def slice_per_layer(adapter, windows: torch.Tensor, d: int, cfg: SliceGPTConfig) -> float:
+def slice_per_layer(adapter, windows: torch.Tensor, d: int, cfg: SliceGPTConfig) -> tuple[float, list[int]]:
     """The paper's mode: a PCA rotation per residual boundary, computed layer by layer from the already-sliced
     upstream model (memory: one boundary's activations), with shortcut matrices Q_a^T Q_b on the residual paths.
-    Returns the mean fraction of variance kept over the boundaries."""
+    Returns the mean fraction of variance kept over the boundaries, and the boundaries' widths."""
     from compressor.decoder_program import rotary_and_bias, self_attention
 
     ad, width, eps = adapter, adapter.config.hidden_size, adapter.config.rms_norm_eps
+    widths = per_layer_widths(adapter, windows, d, cfg)
     chunks = list(torch.split(windows, cfg.batch))
     kept = []
 
@@ -187,16 +219,15 @@ def slice_per_layer(adapter, windows: torch.Tensor, d: int, cfg: SliceGPTConfig)
         return q[:, :keep].float()
 
     xs = [ad.embed_tokens(c) for c in chunks]
-    q_cur = pca(sum(_moment(x, cfg.normalize_tokens) for x in xs), d)
+    q_cur = pca(sum(_moment(x, cfg.normalize_tokens) for x in xs), widths[0])
     ad.embed_tokens.weight = nn.Parameter(ad.embed_tokens.weight @ q_cur, requires_grad=False)
-    ad.embed_tokens.embedding_dim = d
+    ad.embed_tokens.embedding_dim = widths[0]
     xs = [x @ q_cur for x in xs]
     geometry = [rotary_and_bias(ad, x, torch.ones(x.shape[:2], dtype=torch.long), 0) for x in xs]
-    n = len(ad.layers)
     for j, layer in enumerate(ad.layers):
         for block in ("attn", "mlp"):
             norm = layer.attn_norm if block == "attn" else layer.mlp_norm
-            _set_norm(norm, width, d, eps)
+            _set_norm(norm, width, q_cur.shape[1], eps)
             for lin in layer.residual_readers[f"{block}_norm"]:
                 _set_linear(lin, lin.weight @ q_cur)
             writer = layer.o if block == "attn" else layer.fc_out
@@ -207,7 +238,7 @@ def slice_per_layer(adapter, windows: torch.Tensor, d: int, cfg: SliceGPTConfig)
                 else:
                     out = layer.mlp_out(x)
                 ys.append(x @ q_cur.T + out)  # the block's output in the original (unrotated) basis
-            keep = width if (block == "mlp" and j == n - 1 and not cfg.slice_head) else d
+            keep = widths[2 * j + (1 if block == "attn" else 2)]
             q_next = pca(sum(_moment(y, cfg.normalize_tokens) for y in ys), keep)
             shortcut = nn.Linear(q_cur.shape[1], keep, bias=False)
             shortcut.weight = nn.Parameter((q_cur.T @ q_next).T.contiguous(), requires_grad=False)
@@ -219,7 +250,7 @@ def slice_per_layer(adapter, windows: torch.Tensor, d: int, cfg: SliceGPTConfig)
     if final_d != width:
         _set_norm(ad.final_norm_module, width, final_d, eps)
     _set_linear(ad.lm_head, ad.lm_head.weight @ q_cur)
-    return float(sum(kept) / len(kept))
+    return float(sum(kept) / len(kept)), widths
 
 
 @register
@@ -268,7 +299,8 @@ class SliceGPT(Pass):
             if cfg.tie_head:
                 info["tied_head_logit_error"] = tie_head(adapter, windows[: max(cfg.batch, len(windows) // 4)], cfg.batch)
         else:
-            kept = slice_per_layer(adapter, windows, d, cfg)
+            kept, widths = slice_per_layer(adapter, windows, d, cfg)
+            info.update(width_schedule=cfg.schedule, boundary_widths=widths)
         info.update(
             mode=cfg.mode,
             width_after=d,

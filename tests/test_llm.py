@@ -92,6 +92,50 @@ def test_per_layer_mode_matches_the_reference_architecture(windows):
     assert dense < perplexity(handle, windows) < 20 * dense
 
 
+def test_spectrum_widths_give_spread_spectra_more_width():
+    from compressor.slice_schedule import lost_energy, spectrum_widths
+
+    steep = torch.tensor([0.5 ** i for i in range(64)])  # variance in a few directions
+    flat = torch.ones(64)  # variance spread evenly
+    widths = spectrum_widths([steep, flat, steep], target=32, round_to=8, low=16, high=64)
+    assert sum(widths) == 96 and all(w % 8 == 0 and 16 <= w <= 64 for w in widths)
+    assert widths[1] > 32 > widths[0] == widths[2]
+    total = sum(lost_energy(v, w) for v, w in zip([steep, flat, steep], widths))
+    assert total < 2 * lost_energy(steep, 32) + lost_energy(flat, 32)  # beats the uniform schedule
+    with pytest.raises(ValueError, match="round_to-aligned"):
+        spectrum_widths([flat], target=30, round_to=8, low=16, high=64)
+
+
+def test_per_layer_spectrum_schedule(windows):
+    from compressor.passes.slicegpt import boundary_moments
+
+    handle = load("example:smollm2")
+    dense = perplexity(handle, windows)
+    ids = torch.from_numpy(windows[:1, :64])
+    moments = boundary_moments(handle.adapter, ids, 1, True)
+    x = handle.adapter.embed_tokens(ids)[0].detach()
+    x = x / x.norm(dim=-1, keepdim=True)  # boundary 0 is the embedding's output, per token normalised
+    assert len(moments) == 61 and torch.allclose(moments[0], (x.T @ x).double(), rtol=1e-4, atol=1e-6)
+    Pipeline([SliceGPT(sparsity=0.25, mode="per_layer", schedule="spectrum", calibration_samples=8,
+                       calibration_len=256)]).run(handle)
+    ad, info = handle.adapter, handle.history[0]["info"]
+    widths = info["boundary_widths"]
+    assert info["width_schedule"] == "spectrum" and len(widths) == 61 and widths[-1] == 576  # head input not sliced
+    assert sum(widths[:-1]) == 60 * 432 and len(set(widths)) > 5
+    assert ad.embed_tokens.weight.shape == (49152, widths[0])
+    for j, layer in enumerate(ad.layers):
+        a, m, out = widths[2 * j: 2 * j + 3]
+        assert layer.q.weight.shape == (576, a) and layer.gate.weight.shape == (1536, m)
+        assert layer.layer.attn_shortcut.weight.shape == (m, a) and layer.fc_out.weight.shape == (out, 1536)
+        assert layer.attn_norm.weight.shape == (a,)
+    assert ad.lm_head.weight.shape == (49152, 576)
+    assert dense < perplexity(handle, windows) < 20 * dense
+    with pytest.raises(UsageError, match="schedule = 'spectrum' needs mode = 'per_layer'"):
+        SliceGPT(schedule="spectrum")
+    with pytest.raises(UsageError, match="sparsity > 0"):
+        SliceGPT(schedule="spectrum", mode="per_layer", sparsity=0.0)
+
+
 def test_post_norm_models_are_refused():
     handle = load("example:minilm", batch=2, seq_len=16)
     with pytest.raises(UsageError, match="post-norm"):
