@@ -177,6 +177,12 @@ def _moment(x: torch.Tensor, normalize: bool) -> torch.Tensor:
     return (x.T @ x).double()
 
 
+def _some(windows: torch.Tensor, batch: int) -> torch.Tensor:
+    """A quarter of the calibration windows (at least one batch): enough for a fit of one vector or a spectrum's
+    shape, which need fewer tokens than a rotation."""
+    return windows[: max(batch, len(windows) // 4)]
+
+
 def _set_norm(norm: nn.Module, width: int, d: int, eps: float) -> None:
     """A weightless RMS norm over `width` acting on a d-dim slice: weight sqrt(width/d), epsilon eps*width/d."""
     norm.weight = nn.Parameter(torch.full((d,), math.sqrt(width / d)), requires_grad=False)
@@ -194,8 +200,7 @@ def per_layer_widths(adapter, windows: torch.Tensor, d: int, cfg: SliceGPTConfig
     if cfg.schedule == "spectrum":
         from compressor.slice_schedule import spectrum_widths
 
-        sample = windows[: max(cfg.batch, len(windows) // 4)]  # a spectrum's shape needs fewer tokens than a rotation
-        spectra = [torch.linalg.eigvalsh(m).flip(0) for m in boundary_moments(adapter, sample, cfg.batch, True)[:n]]
+        spectra = [torch.linalg.eigvalsh(m).flip(0) for m in boundary_moments(adapter, _some(windows, cfg.batch), cfg.batch, True)[:n]]
         low = max(cfg.round_to, d - (width - d) // cfg.round_to * cfg.round_to)
         widths = spectrum_widths(spectra, d, cfg.round_to, low, width // cfg.round_to * cfg.round_to)
     return widths + [width] * (2 * len(adapter.layers) + 1 - n)
@@ -297,7 +302,7 @@ class SliceGPT(Pass):
             rotate_and_slice(adapter, q, d)
             kept = float(values[:d].sum() / values.sum())
             if cfg.tie_head:
-                info["tied_head_logit_error"] = tie_head(adapter, windows[: max(cfg.batch, len(windows) // 4)], cfg.batch)
+                info["tied_head_logit_error"] = tie_head(adapter, _some(windows, cfg.batch), cfg.batch)
         else:
             kept, widths = slice_per_layer(adapter, windows, d, cfg)
             info.update(width_schedule=cfg.schedule, boundary_widths=widths)
