@@ -1,6 +1,7 @@
 """Dense vs token-merged, both examples, on CPU onnxruntime (2 threads), real data, one run per example.
 
     python benchmarks/run.py --out benchmarks/results.json [--only minilm|dinov2] [--repeats 15]
+    python benchmarks/run.py --only dinov2-slicing --out benchmarks/dinov2_slicing.json
 
 Rows: PyTorch eager dense, onnxruntime dense, onnxruntime compressed at several r. Columns: latency (median of
 interleaved runs), speed-up vs onnxruntime dense, FLOPs ratio (dense/compressed, counted on the captured graphs),
@@ -162,11 +163,29 @@ def _probe(train_x, train_y, test_x, test_y, l2: float) -> float:
     return float(((xte @ w).argmax(1) == test_y).mean())
 
 
-def bench_dinov2(repeats: int, workdir: Path, train: int = 1000, test: int = 500) -> dict:
+SLICE25 = {"sparsity": 0.25, "calibration_samples": 64, "normalize_tokens": True}
+
+
+def bench_dinov2(repeats: int, workdir: Path) -> dict:
+    slice25 = ("slicegpt", SLICE25)
+    return _bench_dinov2([{"r": 12}, {"r": 16}, {"reduction": 0.42}, {"reduction": 0.42, "decay": 0.9}, {"r": 22},
+                          [slice25], [slice25, ("token_merge", {"r": 12})]], repeats, workdir)
+
+
+def bench_dinov2_slicing(repeats: int, workdir: Path) -> dict:
+    """SliceGPT's two modes on DINOv2: portable (one rotation) against per_layer (a rotation per boundary, shortcut
+    matrices) at the same sparsity and at the same parameters (per_layer 33% ~ portable 25%), spectrum widths,
+    each alone and with token merging."""
+    def sliced(**opts):
+        return ("slicegpt", {**SLICE25, **opts})
+    merge = ("token_merge", {"r": 12})
+    portable, per_layer, per_layer33 = sliced(), sliced(mode="per_layer"), sliced(mode="per_layer", sparsity=0.33)
+    return _bench_dinov2([[portable], [per_layer], [sliced(mode="per_layer", schedule="spectrum")], [per_layer33],
+                          [portable, merge], [per_layer, merge], [per_layer33, merge]], repeats, workdir)
+
+
+def _bench_dinov2(settings: list, repeats: int, workdir: Path, train: int = 1000, test: int = 500) -> dict:
     shapes = {"batch": 8, "image_size": [224, 224]}
-    slice25 = ("slicegpt", {"sparsity": 0.25, "calibration_samples": 64, "normalize_tokens": True})
-    settings = [{"r": 12}, {"r": 16}, {"reduction": 0.42}, {"reduction": 0.42, "decay": 0.9}, {"r": 22},
-                [slice25], [slice25, ("token_merge", {"r": 12})]]
     handle, eager, rows = build_variants("example:dinov2-small", shapes, settings, workdir)
     pre = preprocessor(handle)
     tr_x, tr_y = data.fashion_mnist("train")
@@ -210,14 +229,15 @@ def print_table(result: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results.json")
-    parser.add_argument("--only", choices=["minilm", "dinov2"])
+    parser.add_argument("--only", choices=["minilm", "dinov2", "dinov2-slicing"],
+                        help="one benchmark; dinov2-slicing (SliceGPT modes on DINOv2) runs only when named")
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     results = {"threads": THREADS, "torch": torch.__version__, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, fn in (("minilm", bench_minilm), ("dinov2", bench_dinov2)):
-            if args.only and args.only != name:
+        for name, fn in (("minilm", bench_minilm), ("dinov2", bench_dinov2), ("dinov2-slicing", bench_dinov2_slicing)):
+            if args.only != name and (args.only or name == "dinov2-slicing"):
                 continue
             work = Path(tmp) / name
             work.mkdir()

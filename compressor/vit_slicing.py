@@ -3,9 +3,10 @@
 LayerNorm is not rotation-invariant, but on a zero-mean stream it reduces to an RMS norm. So: every write to the
 residual stream (patch embedding, CLS token, position embedding, attention and MLP outputs) is centred; layer scale
 folds into the writers; each norm's scale and bias fold into the linears that read it; the norms become weightless
-RMS norms. The outputs are unchanged (a test checks it). The stream is then rotated by one PCA rotation and sliced;
-the final norm's scale and bias, with the inverse rotation, become a small d -> D projection on the CLS token, so
-the embedding keeps its width and meaning.
+RMS norms. The outputs are unchanged (a test checks it). The stream is then rotated by PCA and sliced: by one
+rotation (portable mode) or by one per residual boundary with shortcut matrices between them (per_layer mode). The
+final norm's scale and bias, with the inverse rotation, become a small d -> D projection on the CLS token, so the
+embedding keeps its width and meaning.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import math
 
 import torch
 from torch import nn
+
+from compressor.pca import second_moment
 
 
 class ScaledRMSNorm(nn.Module):
@@ -84,34 +87,44 @@ def fold_layernorms(adapter) -> None:
 
 @torch.no_grad()
 def stream_second_moment(adapter, pixel_batches, normalize: bool) -> torch.Tensor:
-    """Second moment of the residual stream at every norm's input, over every token of the calibration images."""
+    """Sum of x x^T (float64) over every token of the calibration images at every residual boundary together
+    (portable mode's one rotation)."""
     width = adapter.model.embeddings.cls_token.shape[-1]
-    acc = torch.zeros(width, width, dtype=torch.float64)
-
-    def add(x):
-        x = x.reshape(-1, width).float()
-        if normalize:
-            x = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-6)
-        acc.add_((x.T @ x).double())
-
+    moment = torch.zeros(width, width, dtype=torch.float64)
     for pixels in pixel_batches:
         x, _ = adapter.embed(pixels)
         bias = torch.zeros(x.shape[:2])
+        moment.add_(second_moment(x, normalize))
         for layer in adapter.layers:
-            add(x)
             x, _ = layer.attention(x, bias)
-            add(x)
+            moment.add_(second_moment(x, normalize))
             x = layer.mlp(x)
-        add(x)
-    return acc
+            moment.add_(second_moment(x, normalize))
+    return moment
 
 
 @torch.no_grad()
-def rotate_and_slice_vit(adapter, q: torch.Tensor, d: int) -> None:
-    model, width = adapter.model, adapter.config.hidden_size
-    eps = adapter.config.layer_norm_eps
-    qd = q[:, :d].double()
-    emb = model.embeddings
+def boundary_spectra_vit(adapter, pixel_batches) -> list[torch.Tensor]:
+    """Eigenvalues (descending) of the per-token normalised second moment at every residual boundary (the
+    embedding's output, after each attention, after each MLP), walked block by block: one matrix at a time."""
+    xs = [adapter.embed(p)[0] for p in pixel_batches]
+
+    def spectrum():
+        return torch.linalg.eigvalsh(sum(second_moment(x, True) for x in xs)).flip(0)
+
+    spectra = [spectrum()]
+    for layer in adapter.layers:
+        xs = [layer.attention(x, torch.zeros(x.shape[:2]))[0] for x in xs]
+        spectra.append(spectrum())
+        xs = [layer.mlp(x) for x in xs]
+        spectra.append(spectrum())
+    return spectra
+
+
+def _rotate_embeddings(emb, q: torch.Tensor) -> None:
+    """Write the embeddings (CLS token, position embeddings, patch projection) in the first d rotated directions."""
+    qd = q.double()
+    d, width = q.shape[1], q.shape[0]
     emb.cls_token = _param(emb.cls_token.double() @ qd)
     emb.position_embeddings = _param(emb.position_embeddings.double() @ qd)
     proj = emb.patch_embeddings.projection
@@ -119,22 +132,89 @@ def rotate_and_slice_vit(adapter, q: torch.Tensor, d: int) -> None:
     proj.weight = _param((qd.T @ w).reshape(d, *proj.weight.shape[1:]))
     proj.bias = _param(qd.T @ proj.bias.double())
     proj.out_channels = d
+
+
+def _read_from(lin: nn.Linear, q: torch.Tensor) -> None:
+    lin.weight = _param(lin.weight.double() @ q.double())
+    lin.in_features = q.shape[1]
+
+
+def _write_to(lin: nn.Linear, scale: nn.Module, q: torch.Tensor) -> None:
+    lin.weight = _param(q.double().T @ lin.weight.double())
+    lin.bias = _param(q.double().T @ lin.bias.double())
+    lin.out_features = q.shape[1]
+    scale.lambda1 = _param(torch.ones(q.shape[1]))
+
+
+def _sliced_norm(width: int, d: int, eps: float) -> ScaledRMSNorm:
+    """A weightless RMS norm over `width` acting on a d-dim slice of the rotated stream."""
+    return ScaledRMSNorm(d, math.sqrt(width / d), eps * width / d)
+
+
+@torch.no_grad()
+def slice_per_layer_vit(adapter, pixel_batches, widths: list[int], pca, normalize: bool) -> None:
+    """SliceGPT's per_layer mode on a folded DINOv2: a PCA rotation per residual boundary, computed from the
+    already-sliced upstream model one block at a time, with shortcut matrices Q_a^T Q_b on the residual paths.
+
+    `widths` holds the 2 * layers + 1 boundary widths (embedding output, after each attention, after each MLP);
+    `pca(moment, keep)` returns the first `keep` eigenvectors (width x keep) of a second moment (of per-token
+    normalised activations with `normalize`). The last boundary feeds the final
+    norm, whose scale and bias with the inverse rotation become the d -> width projection on the CLS token.
+    """
+    model, width = adapter.model, adapter.config.hidden_size
+    eps = adapter.config.layer_norm_eps
+    xs = [adapter.embed(p)[0] for p in pixel_batches]
+    q = pca(sum(second_moment(x, normalize) for x in xs), widths[0])
+    _rotate_embeddings(model.embeddings, q)
+    adapter.refresh_positions()
+    xs = [x @ q for x in xs]
+    for j, layer in enumerate(adapter.layers):
+        for k, block in enumerate(("attn", "mlp")):
+            norm_name = "norm1" if block == "attn" else "norm2"
+            norm = _sliced_norm(width, q.shape[1], eps)
+            setattr(layer.layer, norm_name, norm)
+            setattr(layer, norm_name, norm)
+            readers, writer, scale = ([layer.q, layer.k, layer.v], layer.o, layer.scale1) if block == "attn" else \
+                ([layer.fc_in], layer.fc_out, layer.scale2)
+            for lin in readers:
+                _read_from(lin, q)
+            ys = []
+            for x in xs:
+                out = layer.attention_out(x, torch.zeros(x.shape[:2]))[0] if block == "attn" else layer.mlp_out(x)
+                ys.append(x @ q.T + out)  # the block's output in the original (unrotated) basis
+            q_next = pca(sum(second_moment(y, normalize) for y in ys), widths[2 * j + 1 + k])
+            shortcut = nn.Linear(q.shape[1], q_next.shape[1], bias=False)
+            shortcut.weight = _param((q.T @ q_next).T)
+            setattr(layer.layer, f"{block}_shortcut", shortcut)
+            _write_to(writer, scale, q_next)
+            xs = [y @ q_next for y in ys]
+            q = q_next
+    head = model.layernorm
+    proj = nn.Linear(q.shape[1], width)
+    proj.weight = _param(head.proj.weight.double() @ q.double())
+    proj.bias = head.proj.bias
+    model.layernorm = OutputHead(_sliced_norm(width, q.shape[1], eps), proj)
+
+
+@torch.no_grad()
+def rotate_and_slice_vit(adapter, q: torch.Tensor, d: int) -> None:
+    """Portable mode: one rotation for the whole stream, keep its first d directions everywhere."""
+    model, width = adapter.model, adapter.config.hidden_size
+    eps = adapter.config.layer_norm_eps
+    qd = q[:, :d]
+    _rotate_embeddings(model.embeddings, qd)
     for layer in adapter.layers:
         for lin in (layer.q, layer.k, layer.v, layer.fc_in):
-            lin.weight = _param(lin.weight.double() @ qd)
-            lin.in_features = d
+            _read_from(lin, qd)
         for lin, scale in ((layer.o, layer.scale1), (layer.fc_out, layer.scale2)):
-            lin.weight = _param(qd.T @ lin.weight.double())
-            lin.bias = _param(qd.T @ lin.bias.double())
-            lin.out_features = d
-            scale.lambda1 = _param(torch.ones(d))
+            _write_to(lin, scale, qd)
         for name in ("norm1", "norm2"):
-            rms = ScaledRMSNorm(d, math.sqrt(width / d), eps * width / d)
+            rms = _sliced_norm(width, d, eps)
             setattr(layer.layer, name, rms)
             setattr(layer, name, rms)
     head = model.layernorm
     new_proj = nn.Linear(d, width)
-    new_proj.weight = _param(head.proj.weight.double() @ qd)
+    new_proj.weight = _param(head.proj.weight.double() @ qd.double())
     new_proj.bias = head.proj.bias
-    model.layernorm = OutputHead(ScaledRMSNorm(d, math.sqrt(width / d), eps * width / d), new_proj)
+    model.layernorm = OutputHead(_sliced_norm(width, d, eps), new_proj)
     adapter.refresh_positions()

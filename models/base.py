@@ -61,6 +61,12 @@ class LayerAdapter:
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def residual(self, x: torch.Tensor, block: str) -> torch.Tensor:
+        """The residual path around a block ("attn" or "mlp"): identity, or SliceGPT's shortcut matrix between the
+        rotations before and after it (per_layer mode)."""
+        shortcut = getattr(self.layer, f"{block}_shortcut", None)
+        return x if shortcut is None else shortcut(x)
+
 
 class ModelAdapter:
     """A model family. Subclasses set `family`, `modality`, `model_types` and `protected_per_sample`."""

@@ -26,12 +26,20 @@ class Dinov2LayerAdapter(LayerAdapter):
             raise UsageError("DINOv2 with a SwiGLU MLP is not supported yet (only the fc1/fc2 MLP of ViT-S/B/L)")
         self.fc_in, self.fc_out, self.act = layer.mlp.fc1, layer.mlp.fc2, layer.mlp.activation
 
-    def attention(self, x, bias):
+    def attention_out(self, x, bias):
+        """The attention block's write to the residual stream, and ToMe's metric."""
         ctx, metric = multi_head_attention(self.norm1(x), self.q, self.k, self.v, self.heads, bias)
-        return x + self.scale1(self.o(ctx)), metric
+        return self.scale1(self.o(ctx)), metric
+
+    def attention(self, x, bias):
+        out, metric = self.attention_out(x, bias)
+        return self.residual(x, "attn") + out, metric
+
+    def mlp_out(self, x):
+        return self.scale2(self.fc_out(self.act(self.fc_in(self.norm2(x)))))
 
     def mlp(self, x):
-        return x + self.scale2(self.fc_out(self.act(self.fc_in(self.norm2(x)))))
+        return self.residual(x, "mlp") + self.mlp_out(x)
 
 
 class Dinov2Adapter(ModelAdapter):

@@ -31,11 +31,6 @@ class LlamaLayerAdapter(LayerAdapter):
     def residual_writers(self) -> list[nn.Linear]:
         return [self.o, self.fc_out]
 
-    def residual(self, x, block: str):
-        """The residual path around a block: identity, or SliceGPT's shortcut matrix between two rotations."""
-        shortcut = getattr(self.layer, f"{block}_shortcut", None)
-        return x if shortcut is None else shortcut(x)
-
     def mlp_out(self, x):
         h = self.mlp_norm(x)
         return self.fc_out(self.act(self.gate(h)) * self.up(h))

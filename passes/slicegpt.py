@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from compressor.errors import UsageError
+from compressor.pca import pca_keeping, pca_rotation, second_moment
 from compressor.pass_base import Pass, PassResult, register
 
 
@@ -23,7 +24,7 @@ from compressor.pass_base import Pass, PassResult, register
 class SliceGPTConfig:
     sparsity: float = field(default=0.25, metadata={"help": "fraction of the residual width to delete (0 = fold norms only)"})
     mode: str = field(default="portable", metadata={"help": "portable: one shared rotation, a standard smaller model; per_layer: the paper's rotation per boundary with shortcut matrices"})
-    slice_head: bool = field(default=False, metadata={"help": "per_layer: also slice the LM head's input (portable always does)"})
+    slice_head: bool = field(default=False, metadata={"help": "per_layer: also slice the last boundary, the LM head's (DINOv2: the final norm's) input (portable always does)"})
     calibration_samples: int = field(default=128, metadata={"help": "calibration windows from the Wikipedia calibration articles"})
     calibration_len: int = field(default=512, metadata={"help": "tokens per calibration window"})
     seed: int = field(default=42, metadata={"help": "seed for the calibration window offsets"})
@@ -73,40 +74,47 @@ def fold_norms(adapter) -> None:
 
 
 @torch.no_grad()
-def boundary_moments(adapter, windows: torch.Tensor, batch: int, normalize: bool, combined: bool = False) -> list[torch.Tensor]:
-    """Sum of x x^T over every token at each residual boundary (each norm's input, in order: layer 0's attention
-    norm, its MLP norm, ..., the final norm), accumulated in float64; with `combined`, one sum over all of them
-    (one width x width matrix in memory, not one per boundary)."""
+def residual_second_moment(adapter, windows: torch.Tensor, batch: int, normalize: bool) -> torch.Tensor:
+    """Sum of x x^T over every token at every residual boundary (each norm's input), float64: portable mode's one
+    rotation. One width x width matrix in memory, whatever the depth."""
     width = adapter.config.hidden_size
     norms = [m for layer in adapter.layers for m in (layer.attn_norm, layer.mlp_norm)] + [adapter.final_norm_module]
-    moments = [torch.zeros(width, width, dtype=torch.float64) for _ in range(1 if combined else len(norms))]
+    moment = torch.zeros(width, width, dtype=torch.float64)
 
-    def accumulate(acc):
-        def hook(_module, args):  # returns None: the norm's input is left as it is
-            acc.add_(_moment(args[0], normalize))
-        return hook
+    def accumulate(_module, args):  # returns None: the norm's input is left as it is
+        moment.add_(second_moment(args[0], normalize))
 
-    handles = [n.register_forward_pre_hook(accumulate(moments[0 if combined else k])) for k, n in enumerate(norms)]
+    handles = [n.register_forward_pre_hook(accumulate) for n in norms]
     try:
         for i in range(0, len(windows), batch):
             adapter.model.model(input_ids=windows[i:i + batch], use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return moments
+    return moment
 
 
-def residual_second_moment(adapter, windows: torch.Tensor, batch: int, normalize: bool) -> torch.Tensor:
-    """Sum of x x^T over every token at every residual boundary, float64 (portable mode's one rotation)."""
-    return boundary_moments(adapter, windows, batch, normalize, combined=True)[0]
+@torch.no_grad()
+def boundary_spectra(adapter, windows: torch.Tensor, batch: int) -> list[torch.Tensor]:
+    """Eigenvalues (descending) of the per-token normalised second moment at every residual boundary of the model
+    (the embedding's output, after each attention, after each MLP), walked block by block over all windows: memory
+    is one boundary's activations and one width x width matrix, so it scales with depth and width like the
+    per_layer slicing that follows."""
+    from compressor.decoder_program import rotary_and_bias, self_attention
 
+    xs = [adapter.embed_tokens(ids) for ids in torch.split(windows, batch)]
+    geometry = [rotary_and_bias(adapter, x, torch.ones(x.shape[:2], dtype=torch.long), 0) for x in xs]
 
-def pca_rotation(moment: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvectors of the damped second moment, by descending eigenvalue (float64)."""
-    damp = damping * moment.diagonal().mean()
-    values, vectors = torch.linalg.eigh(moment + damp * torch.eye(moment.shape[0], dtype=moment.dtype))
-    order = values.argsort(descending=True)
-    return values[order], vectors[:, order]
+    def spectrum():
+        return torch.linalg.eigvalsh(sum(second_moment(x, True) for x in xs)).flip(0)
+
+    spectra = [spectrum()]
+    for layer in adapter.layers:
+        xs = [x + layer.o(self_attention(adapter, layer, layer.attn_norm(x), *g)[0]) for x, g in zip(xs, geometry)]
+        spectra.append(spectrum())
+        xs = [x + layer.mlp_out(x) for x in xs]
+        spectra.append(spectrum())
+    return spectra
 
 
 def _set_linear(lin: nn.Linear, weight: torch.Tensor) -> None:
@@ -152,7 +160,7 @@ def tie_head(adapter, windows: torch.Tensor, batch: int) -> float:
     norm, head, emb = adapter.final_norm_module, adapter.lm_head, adapter.embed_tokens
     d = emb.weight.shape[1]
     c = torch.zeros(d, d, dtype=torch.float64)
-    handle = norm.register_forward_hook(lambda _m, _a, out: c.add_(_moment(out, False)))
+    handle = norm.register_forward_hook(lambda _m, _a, out: c.add_(second_moment(out, False)))
     try:
         for ids in torch.split(windows, batch):
             adapter.model.model(input_ids=ids, use_cache=False)
@@ -170,13 +178,6 @@ def tie_head(adapter, windows: torch.Tensor, batch: int) -> float:
     return float((left.clamp(min=0) / total).sqrt())
 
 
-def _moment(x: torch.Tensor, normalize: bool) -> torch.Tensor:
-    x = x.reshape(-1, x.shape[-1]).float()
-    if normalize:
-        x = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-6)
-    return (x.T @ x).double()
-
-
 def _some(windows: torch.Tensor, batch: int) -> torch.Tensor:
     """A quarter of the calibration windows (at least one batch): enough for a fit of one vector or a spectrum's
     shape, which need fewer tokens than a rotation."""
@@ -189,21 +190,21 @@ def _set_norm(norm: nn.Module, width: int, d: int, eps: float) -> None:
     norm.variance_epsilon = eps * width / d
 
 
-def per_layer_widths(adapter, windows: torch.Tensor, d: int, cfg: SliceGPTConfig) -> list[int]:
+def per_layer_widths(spectra_of, layers: int, width: int, d: int, cfg: SliceGPTConfig) -> list[int]:
     """Width of every residual boundary (embedding output, then after each attention and each MLP block): d each,
-    or (schedule = spectrum) chosen from each boundary's eigen-spectrum in the folded model (per-token normalised
-    second moments over a quarter of the calibration windows) with the same total.
-    The head's input stays at full width unless slice_head."""
-    width = adapter.config.hidden_size
-    n = 2 * len(adapter.layers) + (1 if cfg.slice_head else 0)
+    or (schedule = spectrum) chosen from each boundary's eigen-spectrum in the folded model with the same total.
+    `spectra_of()` returns the 2 * layers + 1 boundaries' eigenvalues, descending (a quarter of the calibration
+    data is enough for a spectrum's shape). The last boundary (the head's input) stays at full width unless
+    slice_head."""
+    n = 2 * layers + (1 if cfg.slice_head else 0)
     widths = [d] * n
     if cfg.schedule == "spectrum":
         from compressor.slice_schedule import spectrum_widths
 
-        spectra = [torch.linalg.eigvalsh(m).flip(0) for m in boundary_moments(adapter, _some(windows, cfg.batch), cfg.batch, True)[:n]]
+        spectra = spectra_of()[:n]
         low = max(cfg.round_to, d - (width - d) // cfg.round_to * cfg.round_to)
         widths = spectrum_widths(spectra, d, cfg.round_to, low, width // cfg.round_to * cfg.round_to)
-    return widths + [width] * (2 * len(adapter.layers) + 1 - n)
+    return widths + [width] * (2 * layers + 1 - n)
 
 
 @torch.no_grad()
@@ -214,17 +215,14 @@ def slice_per_layer(adapter, windows: torch.Tensor, d: int, cfg: SliceGPTConfig)
     from compressor.decoder_program import rotary_and_bias, self_attention
 
     ad, width, eps = adapter, adapter.config.hidden_size, adapter.config.rms_norm_eps
-    widths = per_layer_widths(adapter, windows, d, cfg)
+    widths = per_layer_widths(lambda: boundary_spectra(adapter, _some(windows, cfg.batch), cfg.batch),
+                              len(ad.layers), width, d, cfg)
     chunks = list(torch.split(windows, cfg.batch))
     kept = []
 
-    def pca(moment, keep):
-        values, q = pca_rotation(moment, cfg.damping)
-        kept.append(float(values[:keep].sum() / values.sum()))
-        return q[:, :keep].float()
-
+    pca = pca_keeping(cfg.damping, kept)
     xs = [ad.embed_tokens(c) for c in chunks]
-    q_cur = pca(sum(_moment(x, cfg.normalize_tokens) for x in xs), widths[0])
+    q_cur = pca(sum(second_moment(x, cfg.normalize_tokens) for x in xs), widths[0])
     ad.embed_tokens.weight = nn.Parameter(ad.embed_tokens.weight @ q_cur, requires_grad=False)
     ad.embed_tokens.embedding_dim = widths[0]
     xs = [x @ q_cur for x in xs]
@@ -244,7 +242,7 @@ def slice_per_layer(adapter, windows: torch.Tensor, d: int, cfg: SliceGPTConfig)
                     out = layer.mlp_out(x)
                 ys.append(x @ q_cur.T + out)  # the block's output in the original (unrotated) basis
             keep = widths[2 * j + (1 if block == "attn" else 2)]
-            q_next = pca(sum(_moment(y, cfg.normalize_tokens) for y in ys), keep)
+            q_next = pca(sum(second_moment(y, cfg.normalize_tokens) for y in ys), keep)
             shortcut = nn.Linear(q_cur.shape[1], keep, bias=False)
             shortcut.weight = nn.Parameter((q_cur.T @ q_next).T.contiguous(), requires_grad=False)
             setattr(layer.layer, f"{block}_shortcut", shortcut)
@@ -274,8 +272,8 @@ class SliceGPT(Pass):
             )
         if handle.adapter.family not in ("llama", "dinov2"):
             raise UsageError(f"slicegpt supports Llama-family and DINOv2 models so far, not {handle.adapter.family}")
-        if handle.adapter.family == "dinov2" and (self.config.mode != "portable" or self.config.tie_head):
-            raise UsageError("slicegpt on DINOv2 supports mode = 'portable' only, without tie_head (it has no LM head)")
+        if handle.adapter.family == "dinov2" and self.config.tie_head:
+            raise UsageError("tie_head applies to language models; DINOv2 has no LM head")
 
     def run(self, handle) -> PassResult:
         if handle.adapter.family == "dinov2":
@@ -321,28 +319,38 @@ class SliceGPT(Pass):
         return PassResult(modified=True, info=info)
 
     def _run_vit(self, handle) -> PassResult:
-        """DINOv2: centre and fold LayerNorms, one PCA rotation on calibration images, slice (portable)."""
+        """DINOv2: centre and fold LayerNorms, PCA on calibration images, rotate and slice (either mode)."""
         from compressor import data
         from compressor.inputs import preprocessor
-        from compressor.vit_slicing import fold_layernorms, rotate_and_slice_vit, stream_second_moment
+        from compressor.vit_slicing import (boundary_spectra_vit, fold_layernorms, rotate_and_slice_vit,
+                                            slice_per_layer_vit, stream_second_moment)
 
         cfg: SliceGPTConfig = self.config
         adapter = handle.adapter
         width = adapter.config.hidden_size
         params_before = sum(p.numel() for p in adapter.model.parameters())
         fold_layernorms(adapter)
-        info = {"mode": "portable", "width_before": width, "params_before": params_before}
+        info = {"mode": cfg.mode, "width_before": width, "params_before": params_before}
         if cfg.sparsity > 0:
             t = time.perf_counter()
             images, _ = data.fashion_mnist("train")
             start = 5000  # away from the images the benchmarks probe with
             pixels = torch.from_numpy(preprocessor(handle)([images[start + i] for i in range(cfg.calibration_samples)])["pixel_values"])
-            moment = stream_second_moment(adapter, torch.split(pixels, cfg.batch), cfg.normalize_tokens)
-            values, q = pca_rotation(moment, cfg.damping)
+            batches = torch.split(pixels, cfg.batch)
             d = sliced_width(width, cfg.sparsity, cfg.round_to)
-            rotate_and_slice_vit(adapter, q.float(), d)
+            if cfg.mode == "portable":
+                values, q = pca_rotation(stream_second_moment(adapter, batches, cfg.normalize_tokens), cfg.damping)
+                rotate_and_slice_vit(adapter, q.float(), d)
+                kept = float(values[:d].sum() / values.sum())
+            else:
+                some = batches[: max(1, len(batches) // 4)]
+                widths = per_layer_widths(lambda: boundary_spectra_vit(adapter, some), len(adapter.layers), width, d, cfg)
+                fractions: list[float] = []
+                slice_per_layer_vit(adapter, batches, widths, pca_keeping(cfg.damping, fractions), cfg.normalize_tokens)
+                kept = sum(fractions) / len(fractions)
+                info.update(width_schedule=cfg.schedule, boundary_widths=widths,
+                            shortcut_params=sum(p.numel() for n, p in adapter.model.named_parameters() if "shortcut" in n))
             info.update(width_after=d, calibration_images=cfg.calibration_samples,
-                        calibration_seconds=round(time.perf_counter() - t, 2),
-                        kept_variance=float(values[:d].sum() / values.sum()))
+                        calibration_seconds=round(time.perf_counter() - t, 2), kept_variance=kept)
         info["params_after"] = sum(p.numel() for p in adapter.model.parameters())
         return PassResult(modified=True, info=info)

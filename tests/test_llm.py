@@ -107,15 +107,18 @@ def test_spectrum_widths_give_spread_spectra_more_width():
 
 
 def test_per_layer_spectrum_schedule(windows):
-    from compressor.passes.slicegpt import boundary_moments
+    from compressor.passes.slicegpt import boundary_spectra
 
     handle = load("example:smollm2")
     dense = perplexity(handle, windows)
-    ids = torch.from_numpy(windows[:1, :64])
-    moments = boundary_moments(handle.adapter, ids, 1, True)
-    x = handle.adapter.embed_tokens(ids)[0].detach()
-    x = x / x.norm(dim=-1, keepdim=True)  # boundary 0 is the embedding's output, per token normalised
-    assert len(moments) == 61 and torch.allclose(moments[0], (x.T @ x).double(), rtol=1e-4, atol=1e-6)
+    ids = torch.from_numpy(windows[:2, :64])
+    spectra = boundary_spectra(handle.adapter, ids, 1)
+    with torch.no_grad():
+        states = handle.adapter.model(input_ids=ids, output_hidden_states=True).hidden_states
+    for k in (0, 5):  # transformers' input to layer k is boundary 2k (embedding output, then after each block)
+        x = states[k].reshape(-1, 576).double()
+        x = x / x.norm(dim=-1, keepdim=True)  # per token normalised
+        assert len(spectra) == 61 and torch.allclose(spectra[2 * k], torch.linalg.eigvalsh(x.T @ x).flip(0), rtol=1e-3, atol=1e-4)
     Pipeline([SliceGPT(sparsity=0.25, mode="per_layer", schedule="spectrum", calibration_samples=8,
                        calibration_len=256)]).run(handle)
     ad, info = handle.adapter, handle.history[0]["info"]
@@ -221,6 +224,48 @@ def test_dinov2_layernorm_folding_is_exact_and_slicing_composes_with_merging():
         out = handle.program()(*inputs)
     assert out.shape == dense.shape == (2, 384)
     assert torch.nn.functional.cosine_similarity(out, dense).min() > 0.7
+
+
+def test_dinov2_per_layer_rotations_are_exact_at_full_width():
+    """Per-boundary rotations with shortcut matrices change nothing until dimensions are deleted."""
+    from compressor.pca import pca_keeping
+    from compressor.vit_slicing import fold_layernorms, slice_per_layer_vit
+
+    from .conftest import SMALL_IMAGE
+
+    handle = load("example:dinov2-small", **SMALL_IMAGE)
+    inputs = handle.example_inputs()
+    with torch.no_grad():
+        dense = handle.program(dense=True)(*inputs)
+    fold_layernorms(handle.adapter)
+    kept = []
+    slice_per_layer_vit(handle.adapter, [inputs[0]], [384] * 25, pca_keeping(0.01, kept), normalize=False)
+    assert len(kept) == 25 and handle.adapter.layers[3].layer.mlp_shortcut.weight.shape == (384, 384)
+    with torch.no_grad():
+        assert torch.allclose(handle.program(dense=True)(*inputs), dense, atol=1e-4)
+
+
+def test_dinov2_per_layer_slicing_with_merging_exports_and_runs(tmp_path):
+    """per_layer on DINOv2 (spectrum widths) then token merging, compiled and validated, embedded torch-free-style
+    through the runtime loader."""
+    from compressor.runtime import load as load_artifact
+
+    from .conftest import SMALL_IMAGE, build
+
+    slicing = {"name": "slicegpt", "sparsity": 0.25, "mode": "per_layer", "schedule": "spectrum",
+               "calibration_samples": 8, "normalize_tokens": True}
+    out = build(tmp_path, "dino", "example:dinov2-small", [slicing, {"name": "token_merge", "r": 4}], SMALL_IMAGE,
+                samples=8, min_cosine_mean=0.8, min_cosine_p5=0.6, min_agreement=0.75)
+    manifest = json.loads((out / "manifest.json").read_text())
+    sliced = manifest["passes"][0]
+    widths = sliced["info"]["boundary_widths"]
+    assert len(widths) == 25 and widths[-1] == 384 and all(w % 8 == 0 and w < 384 for w in widths[:-1])
+    assert sum(widths[:-1]) == 24 * 288  # spectrum keeps the uniform schedule's total width
+    assert sliced["info"]["shortcut_params"] > 0 and sliced["params_after"] < sliced["params_before"]
+    model = load_artifact(out)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (60, 60), dtype=np.uint8) for _ in range(3)]
+    assert model.embed_images(images).shape == (3, 384)
 
 
 def test_cli_shows_an_lm_artifact(smol_artifact):
