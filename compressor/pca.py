@@ -6,8 +6,9 @@ import torch
 
 
 def second_moment(x: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """Sum of x x^T over every token (float64); with `normalize`, of each token scaled to unit norm, so a few
-    massive-activation tokens do not decide the rotation alone."""
+    """Sum of x x^T over every token (a float32 product returned in float64, so sums over batches accumulate in
+    float64); with `normalize`, of each token scaled to unit norm, so a few massive-activation tokens do not decide
+    the rotation alone."""
     x = x.reshape(-1, x.shape[-1]).float()
     if normalize:
         x = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-6)

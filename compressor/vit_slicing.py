@@ -5,8 +5,8 @@ residual stream (patch embedding, CLS token, position embedding, attention and M
 folds into the writers; each norm's scale and bias fold into the linears that read it; the norms become weightless
 RMS norms. The outputs are unchanged (a test checks it). The stream is then rotated by PCA and sliced: by one
 rotation (portable mode) or by one per residual boundary with shortcut matrices between them (per_layer mode). The
-final norm's scale and bias, with the inverse rotation, become a small d -> D projection on the CLS token, so the
-embedding keeps its width and meaning.
+final norm's scale and bias, with the inverse rotation, become a small d -> D projection on the CLS token (d = D
+when per_layer leaves the last boundary unsliced), so the embedding keeps its width and meaning.
 """
 
 from __future__ import annotations

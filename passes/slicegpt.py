@@ -25,9 +25,9 @@ class SliceGPTConfig:
     sparsity: float = field(default=0.25, metadata={"help": "fraction of the residual width to delete (0 = fold norms only)"})
     mode: str = field(default="portable", metadata={"help": "portable: one shared rotation, a standard smaller model; per_layer: the paper's rotation per boundary with shortcut matrices"})
     slice_head: bool = field(default=False, metadata={"help": "per_layer: also slice the last boundary, the LM head's (DINOv2: the final norm's) input (portable always does)"})
-    calibration_samples: int = field(default=128, metadata={"help": "calibration windows from the Wikipedia calibration articles"})
-    calibration_len: int = field(default=512, metadata={"help": "tokens per calibration window"})
-    seed: int = field(default=42, metadata={"help": "seed for the calibration window offsets"})
+    calibration_samples: int = field(default=128, metadata={"help": "calibration windows from the Wikipedia calibration articles (DINOv2: Fashion-MNIST training images)"})
+    calibration_len: int = field(default=512, metadata={"help": "tokens per calibration window (language models)"})
+    seed: int = field(default=42, metadata={"help": "seed for the calibration window offsets (language models)"})
     round_to: int = field(default=8, metadata={"help": "sliced width is rounded down to a multiple of this"})
     damping: float = field(default=0.01, metadata={"help": "diagonal damping, relative to the mean eigenvalue"})
     normalize_tokens: bool = field(default=False, metadata={"help": "PCA of per-token normalised activations (tames massive activations)"})
@@ -42,6 +42,8 @@ class SliceGPTConfig:
             raise ValueError(f"mode must be 'portable' or 'per_layer', got {self.mode!r}")
         if self.tie_head and self.mode != "portable":
             raise ValueError("tie_head needs mode = 'portable' (per_layer rotates the embedding and the head's input differently, so they cannot share weights)")
+        if self.slice_head and self.mode != "per_layer":
+            raise ValueError("slice_head applies to mode = 'per_layer' (portable slices every boundary, the head's input included)")
         if self.tie_head and self.sparsity == 0.0:
             raise ValueError("tie_head applies to sliced models (sparsity > 0)")
         if self.schedule not in ("uniform", "spectrum"):
@@ -98,8 +100,8 @@ def residual_second_moment(adapter, windows: torch.Tensor, batch: int, normalize
 def boundary_spectra(adapter, windows: torch.Tensor, batch: int) -> list[torch.Tensor]:
     """Eigenvalues (descending) of the per-token normalised second moment at every residual boundary of the model
     (the embedding's output, after each attention, after each MLP), walked block by block over all windows: memory
-    is one boundary's activations and one width x width matrix, so it scales with depth and width like the
-    per_layer slicing that follows."""
+    is a boundary's activations (two while a block runs) and one width x width matrix, so it scales with depth and
+    width like the per_layer slicing that follows."""
     from compressor.decoder_program import rotary_and_bias, self_attention
 
     xs = [adapter.embed_tokens(ids) for ids in torch.split(windows, batch)]
@@ -256,6 +258,10 @@ def slice_per_layer(adapter, windows: torch.Tensor, d: int, cfg: SliceGPTConfig)
     return float(sum(kept) / len(kept)), widths
 
 
+VIT_CALIBRATION_START = 5000  # DINOv2 calibration images: away from the first ones, which the benchmarks probe with
+VIT_CALIBRATION_IMAGES = 60000 - VIT_CALIBRATION_START
+
+
 @register
 class SliceGPT(Pass):
     name = "slicegpt"
@@ -272,8 +278,20 @@ class SliceGPT(Pass):
             )
         if handle.adapter.family not in ("llama", "dinov2"):
             raise UsageError(f"slicegpt supports Llama-family and DINOv2 models so far, not {handle.adapter.family}")
-        if handle.adapter.family == "dinov2" and self.config.tie_head:
+        if handle.adapter.family == "dinov2":
+            self._check_vit()
+
+    def _check_vit(self) -> None:
+        cfg, defaults = self.config, SliceGPTConfig()
+        if cfg.tie_head:
             raise UsageError("tie_head applies to language models; DINOv2 has no LM head")
+        text_only = [n for n in ("calibration_len", "seed") if getattr(cfg, n) != getattr(defaults, n)]
+        if text_only:
+            raise UsageError(f"slicegpt option(s) {', '.join(text_only)} apply to language models; DINOv2 calibrates on "
+                             f"the first calibration_samples Fashion-MNIST training images from index {VIT_CALIBRATION_START}")
+        if cfg.calibration_samples > VIT_CALIBRATION_IMAGES:
+            raise UsageError(f"calibration_samples must be at most {VIT_CALIBRATION_IMAGES} for DINOv2 (Fashion-MNIST "
+                             f"training images from index {VIT_CALIBRATION_START}), got {cfg.calibration_samples}")
 
     def run(self, handle) -> PassResult:
         if handle.adapter.family == "dinov2":
@@ -330,12 +348,12 @@ class SliceGPT(Pass):
         width = adapter.config.hidden_size
         params_before = sum(p.numel() for p in adapter.model.parameters())
         fold_layernorms(adapter)
-        info = {"mode": cfg.mode, "width_before": width, "params_before": params_before}
+        info = {"mode": cfg.mode, "width_before": width, "params_before": params_before, "transformers_loadable": False}
         if cfg.sparsity > 0:
             t = time.perf_counter()
             images, _ = data.fashion_mnist("train")
-            start = 5000  # away from the images the benchmarks probe with
-            pixels = torch.from_numpy(preprocessor(handle)([images[start + i] for i in range(cfg.calibration_samples)])["pixel_values"])
+            pixels = torch.from_numpy(preprocessor(handle)(
+                [images[VIT_CALIBRATION_START + i] for i in range(cfg.calibration_samples)])["pixel_values"])
             batches = torch.split(pixels, cfg.batch)
             d = sliced_width(width, cfg.sparsity, cfg.round_to)
             if cfg.mode == "portable":

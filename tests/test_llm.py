@@ -226,23 +226,54 @@ def test_dinov2_layernorm_folding_is_exact_and_slicing_composes_with_merging():
     assert torch.nn.functional.cosine_similarity(out, dense).min() > 0.7
 
 
-def test_dinov2_per_layer_rotations_are_exact_at_full_width():
-    """Per-boundary rotations with shortcut matrices change nothing until dimensions are deleted."""
+def test_dinov2_per_layer_slicing_equals_projecting_each_boundary():
+    """per_layer slicing computes exactly the folded model with each boundary projected onto its kept directions
+    (Q Q^T): rotations, shortcut matrices, rescaled norms and the final projection are right at any widths."""
+    import copy
+
     from compressor.pca import pca_keeping
     from compressor.vit_slicing import fold_layernorms, slice_per_layer_vit
 
     from .conftest import SMALL_IMAGE
 
     handle = load("example:dinov2-small", **SMALL_IMAGE)
-    inputs = handle.example_inputs()
-    with torch.no_grad():
-        dense = handle.program(dense=True)(*inputs)
+    pixels = handle.example_inputs()[0]
     fold_layernorms(handle.adapter)
-    kept = []
-    slice_per_layer_vit(handle.adapter, [inputs[0]], [384] * 25, pca_keeping(0.01, kept), normalize=False)
-    assert len(kept) == 25 and handle.adapter.layers[3].layer.mlp_shortcut.weight.shape == (384, 384)
+    folded = copy.deepcopy(handle.adapter)
+    rotations, kept = [], []
+    pca = pca_keeping(0.01, kept)
+
+    def recording_pca(moment, keep):
+        rotations.append(pca(moment, keep))
+        return rotations[-1]
+
+    widths = [256, 200, 312, 256] * 6 + [248]  # uneven, and the last boundary (the final norm's input) sliced too
+    slice_per_layer_vit(handle.adapter, [pixels], widths, recording_pca, normalize=True)
+    assert [q.shape[1] for q in rotations] == widths and handle.adapter.layers[0].layer.mlp_shortcut.weight.shape == (312, 200)
+    images = pixels + 0.1 * torch.randn(pixels.shape, generator=torch.Generator().manual_seed(0))  # not the calibration
     with torch.no_grad():
-        assert torch.allclose(handle.program(dense=True)(*inputs), dense, atol=1e-4)
+        sliced = handle.program(dense=True)(images)
+        project = iter([q @ q.T for q in rotations])
+        x = folded.embed(images)[0] @ next(project)
+        for layer in folded.layers:
+            x = (x + layer.attention_out(x, torch.zeros(x.shape[:2]))[0]) @ next(project)
+            x = (x + layer.mlp_out(x)) @ next(project)
+        reference = folded.model.layernorm(x[:, 0])
+    assert torch.allclose(sliced, reference, atol=1e-4)
+
+
+def test_slicegpt_refuses_options_that_do_not_apply():
+    from .conftest import SMALL_IMAGE
+
+    handle = load("example:dinov2-small", **SMALL_IMAGE)
+    for options, message in (({"seed": 1}, "seed apply to language models"),
+                             ({"calibration_len": 64}, "calibration_len apply to language models"),
+                             ({"calibration_samples": 60000}, "at most 55000"),
+                             ({"tie_head": True, "mode": "portable"}, "DINOv2 has no LM head")):
+        with pytest.raises(UsageError, match=message):
+            Pipeline([SliceGPT(**options)]).run(handle)
+    with pytest.raises(UsageError, match="slice_head applies to mode = 'per_layer'"):
+        SliceGPT(slice_head=True)
 
 
 def test_dinov2_per_layer_slicing_with_merging_exports_and_runs(tmp_path):
@@ -259,7 +290,7 @@ def test_dinov2_per_layer_slicing_with_merging_exports_and_runs(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     sliced = manifest["passes"][0]
     widths = sliced["info"]["boundary_widths"]
-    assert len(widths) == 25 and widths[-1] == 384 and all(w % 8 == 0 and w < 384 for w in widths[:-1])
+    assert len(widths) == 25 and widths[-1] == 384 and all(w % 8 == 0 and w <= 384 for w in widths[:-1])
     assert sum(widths[:-1]) == 24 * 288  # spectrum keeps the uniform schedule's total width
     assert sliced["info"]["shortcut_params"] > 0 and sliced["params_after"] < sliced["params_before"]
     model = load_artifact(out)
