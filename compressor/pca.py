@@ -15,6 +15,12 @@ def second_moment(x: torch.Tensor, normalize: bool) -> torch.Tensor:
     return (x.T @ x).double()
 
 
+def normalized_spectrum(xs: list[torch.Tensor]) -> torch.Tensor:
+    """Eigenvalues, descending, of the per-token normalised second moment of a list of activation batches: the
+    spectrum shape that the per_layer width schedule reads."""
+    return torch.linalg.eigvalsh(sum(second_moment(x, True) for x in xs)).flip(0)
+
+
 def pca_rotation(moment: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues and eigenvectors of the second moment plus `damping` x its mean eigenvalue on the diagonal, by
     descending eigenvalue (float64)."""

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from compressor.pca import second_moment
+from compressor.pca import normalized_spectrum, second_moment
 
 
 class ScaledRMSNorm(nn.Module):
@@ -85,40 +85,29 @@ def fold_layernorms(adapter) -> None:
     adapter.refresh_positions()
 
 
+def _boundaries(adapter, pixel_batches):
+    """The residual stream at every boundary (the embedding's output, after each attention, after each MLP), for
+    all calibration batches at once, walked block by block: one boundary's activations at a time."""
+    xs = [adapter.embed(p)[0] for p in pixel_batches]
+    yield xs
+    for layer in adapter.layers:
+        xs = [layer.attention(x, torch.zeros(x.shape[:2]))[0] for x in xs]
+        yield xs
+        xs = [layer.mlp(x) for x in xs]
+        yield xs
+
+
 @torch.no_grad()
 def stream_second_moment(adapter, pixel_batches, normalize: bool) -> torch.Tensor:
     """Sum of x x^T (float64) over every token of the calibration images at every residual boundary together
     (portable mode's one rotation)."""
-    width = adapter.model.embeddings.cls_token.shape[-1]
-    moment = torch.zeros(width, width, dtype=torch.float64)
-    for pixels in pixel_batches:
-        x, _ = adapter.embed(pixels)
-        bias = torch.zeros(x.shape[:2])
-        moment.add_(second_moment(x, normalize))
-        for layer in adapter.layers:
-            x, _ = layer.attention(x, bias)
-            moment.add_(second_moment(x, normalize))
-            x = layer.mlp(x)
-            moment.add_(second_moment(x, normalize))
-    return moment
+    return sum(second_moment(x, normalize) for xs in _boundaries(adapter, pixel_batches) for x in xs)
 
 
 @torch.no_grad()
 def boundary_spectra_vit(adapter, pixel_batches) -> list[torch.Tensor]:
-    """Eigenvalues (descending) of the per-token normalised second moment at every residual boundary (the
-    embedding's output, after each attention, after each MLP), walked block by block: one matrix at a time."""
-    xs = [adapter.embed(p)[0] for p in pixel_batches]
-
-    def spectrum():
-        return torch.linalg.eigvalsh(sum(second_moment(x, True) for x in xs)).flip(0)
-
-    spectra = [spectrum()]
-    for layer in adapter.layers:
-        xs = [layer.attention(x, torch.zeros(x.shape[:2]))[0] for x in xs]
-        spectra.append(spectrum())
-        xs = [layer.mlp(x) for x in xs]
-        spectra.append(spectrum())
-    return spectra
+    """Eigenvalues (descending) of the per-token normalised second moment at every residual boundary."""
+    return [normalized_spectrum(xs) for xs in _boundaries(adapter, pixel_batches)]
 
 
 def _rotate_embeddings(emb, q: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from compressor.errors import UsageError
-from compressor.pca import pca_keeping, pca_rotation, second_moment
+from compressor.pca import normalized_spectrum, pca_keeping, pca_rotation, second_moment
 from compressor.pass_base import Pass, PassResult, register
 
 
@@ -107,15 +107,12 @@ def boundary_spectra(adapter, windows: torch.Tensor, batch: int) -> list[torch.T
     xs = [adapter.embed_tokens(ids) for ids in torch.split(windows, batch)]
     geometry = [rotary_and_bias(adapter, x, torch.ones(x.shape[:2], dtype=torch.long), 0) for x in xs]
 
-    def spectrum():
-        return torch.linalg.eigvalsh(sum(second_moment(x, True) for x in xs)).flip(0)
-
-    spectra = [spectrum()]
+    spectra = [normalized_spectrum(xs)]
     for layer in adapter.layers:
         xs = [x + layer.o(self_attention(adapter, layer, layer.attn_norm(x), *g)[0]) for x, g in zip(xs, geometry)]
-        spectra.append(spectrum())
+        spectra.append(normalized_spectrum(xs))
         xs = [x + layer.mlp_out(x) for x in xs]
-        spectra.append(spectrum())
+        spectra.append(normalized_spectrum(xs))
     return spectra
 
 
