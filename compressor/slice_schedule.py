@@ -23,8 +23,8 @@ def spectrum_widths(spectra: list[torch.Tensor], target: int, round_to: int, low
     energy in total: greedy, round_to dimensions at a time, to the boundary whose next directions keep the most."""
     if not low <= target <= high or low % round_to or high % round_to or target % round_to:
         raise ValueError(f"need round_to-aligned low <= target <= high, got {low}, {target}, {high} (round_to {round_to})")
-    fractions = [v.double().clamp(min=0) / v.double().clamp(min=0).sum().clamp(min=1e-300) for v in spectra]
-    cumulative = [torch.cat([torch.zeros(1, dtype=torch.float64), f.cumsum(0)]) for f in fractions]
+    energies = [v.double().clamp(min=0) for v in spectra]
+    cumulative = [torch.cat([torch.zeros(1, dtype=torch.float64), (e / e.sum().clamp(min=1e-300)).cumsum(0)]) for e in energies]
     widths = [low] * len(spectra)
 
     def gain(k: int) -> float:

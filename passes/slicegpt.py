@@ -177,6 +177,11 @@ def tie_head(adapter, windows: torch.Tensor, batch: int) -> float:
     return float((left.clamp(min=0) / total).sqrt())
 
 
+def _params(model: nn.Module, only: str = "") -> int:
+    """Parameters of the model (with `only`, of those whose name contains it, e.g. the shortcut matrices)."""
+    return sum(p.numel() for n, p in model.named_parameters() if only in n)
+
+
 def _some(windows: torch.Tensor, batch: int) -> torch.Tensor:
     """A quarter of the calibration windows (at least one batch): enough for a fit of one vector or a spectrum's
     shape, which need fewer tokens than a rotation."""
@@ -296,13 +301,13 @@ class SliceGPT(Pass):
         cfg: SliceGPTConfig = self.config
         adapter = handle.adapter
         width = adapter.config.hidden_size
-        params_before = sum(p.numel() for p in adapter.model.parameters())
+        params_before = _params(adapter.model)
         start = time.perf_counter()
         fold_norms(adapter)
         info = {"width_before": width, "folded_seconds": round(time.perf_counter() - start, 3)}
         if cfg.sparsity == 0.0:
             info.update(width_after=width, params_before=params_before,
-                        params_after=sum(p.numel() for p in adapter.model.parameters()))
+                        params_after=_params(adapter.model))
             return PassResult(modified=True, info=info)
         from compressor.lm_data import calibration_windows
 
@@ -325,9 +330,9 @@ class SliceGPT(Pass):
             calibration_tokens=int(windows.numel()),
             calibration_seconds=round(time.perf_counter() - t, 2),
             kept_variance=kept,
-            shortcut_params=sum(p.numel() for n, p in adapter.model.named_parameters() if "shortcut" in n),
+            shortcut_params=_params(adapter.model, "shortcut"),
             params_before=params_before,
-            params_after=sum(p.numel() for p in adapter.model.parameters()),
+            params_after=_params(adapter.model),
             lm_head_untied=not cfg.tie_head,
             transformers_loadable=cfg.mode == "portable",
         )
@@ -343,7 +348,7 @@ class SliceGPT(Pass):
         cfg: SliceGPTConfig = self.config
         adapter = handle.adapter
         width = adapter.config.hidden_size
-        params_before = sum(p.numel() for p in adapter.model.parameters())
+        params_before = _params(adapter.model)
         fold_layernorms(adapter)
         info = {"mode": cfg.mode, "width_before": width, "params_before": params_before, "transformers_loadable": False}
         if cfg.sparsity > 0:
@@ -351,21 +356,21 @@ class SliceGPT(Pass):
             images, _ = data.fashion_mnist("train")
             pixels = torch.from_numpy(preprocessor(handle)(
                 [images[VIT_CALIBRATION_START + i] for i in range(cfg.calibration_samples)])["pixel_values"])
-            batches = torch.split(pixels, cfg.batch)
             d = sliced_width(width, cfg.sparsity, cfg.round_to)
             if cfg.mode == "portable":
-                values, q = pca_rotation(stream_second_moment(adapter, batches, cfg.normalize_tokens), cfg.damping)
+                values, q = pca_rotation(stream_second_moment(adapter, pixels.split(cfg.batch), cfg.normalize_tokens), cfg.damping)
                 rotate_and_slice_vit(adapter, q.float(), d)
                 kept = float(values[:d].sum() / values.sum())
             else:
-                some = batches[: max(1, len(batches) // 4)]
+                some = _some(pixels, cfg.batch).split(cfg.batch)
                 widths = per_layer_widths(lambda: boundary_spectra_vit(adapter, some), len(adapter.layers), width, d, cfg)
                 fractions: list[float] = []
-                slice_per_layer_vit(adapter, batches, widths, pca_keeping(cfg.damping, fractions), cfg.normalize_tokens)
+                slice_per_layer_vit(adapter, pixels.split(cfg.batch), widths, pca_keeping(cfg.damping, fractions),
+                                    cfg.normalize_tokens)
                 kept = sum(fractions) / len(fractions)
                 info.update(width_schedule=cfg.schedule, boundary_widths=widths,
-                            shortcut_params=sum(p.numel() for n, p in adapter.model.named_parameters() if "shortcut" in n))
+                            shortcut_params=_params(adapter.model, "shortcut"))
             info.update(width_after=d, calibration_images=cfg.calibration_samples,
                         calibration_seconds=round(time.perf_counter() - t, 2), kept_variance=kept)
-        info["params_after"] = sum(p.numel() for p in adapter.model.parameters())
+        info["params_after"] = _params(adapter.model)
         return PassResult(modified=True, info=info)
