@@ -77,6 +77,8 @@ def compile_artifact(handle, output: str | Path, validation=None, *, force: bool
         else:
             step("capturing and lowering to ONNX")
             stats = export_onnx(handle, tmp)
+            if stats.params != dense.params and handle.adapter.transformers_loadable:  # structure changed, reloadably
+                write_transformers_folder(handle, tmp, step)
             step("validating on held-out inputs")
             source = data.get("texts") if handle.adapter.modality == "text" else data.get("images")
             original = load_handle(handle.source.reload_spec, **handle.shapes).program(dense=True)
@@ -104,15 +106,20 @@ def _compile_decoder(handle, tmp: Path, cfg, step):
     stats = graph_stats(capture(handle.program(), handle.example_inputs()))
     lower_decoder_to_onnx(handle.program(), handle.adapter, tmp / MODEL_FILE)
     if handle.adapter.transformers_loadable:
-        step("writing the transformers folder")
-        handle.adapter.model.save_pretrained(str(tmp / HF_FOLDER), safe_serialization=True)
-        for name in handle.adapter.artifact_files():
-            shutil.copy2(Path(handle.adapter.folder) / name, tmp / HF_FOLDER / name)
+        write_transformers_folder(handle, tmp, step)
     step("validating on held-out text")
     partial = build_manifest(handle, stats, stats, {}, None)
     lm = CausalLM(tmp, partial)
     reference, _ = load_source(handle.source.reload_spec)
     return stats, validate_lm(handle, lm, reference, cfg)
+
+
+def write_transformers_folder(handle, tmp: Path, step) -> None:
+    """The compressed model as a stock transformers folder (hf/), with the files its pre-processing reads."""
+    step("writing the transformers folder")
+    handle.adapter.model.save_pretrained(str(tmp / HF_FOLDER), safe_serialization=True)
+    for name in handle.adapter.artifact_files():
+        shutil.copy2(Path(handle.adapter.folder) / name, tmp / HF_FOLDER / name)
 
 
 def publish(tmp: Path, output: Path) -> None:
@@ -134,8 +141,9 @@ def build_manifest(handle, dense, stats, validation_result: dict, recipe: dict |
 
         ad = handle.adapter
         outputs = [{"name": "logits", "shape": ["batch", "sequence", ad.config.vocab_size], "dtype": "float32"}]
-        outputs += [{"name": n, "shape": ["batch", ad.kv_heads, "total", ad.head_dim], "dtype": "float32"}
-                    for n in decoder_io_names(len(ad.layers))[1][1:]]
+        kv = [h for h in ad.kv_heads for _ in range(2)]
+        outputs += [{"name": n, "shape": ["batch", kv[i], "total", ad.head_dim], "dtype": "float32"}
+                    for i, n in enumerate(decoder_io_names(len(ad.layers))[1][1:])]
     else:
         outputs = [{"name": OUTPUT_NAME, "shape": [handle.shapes["batch"], hidden], "dtype": "float32"}]
     return {

@@ -38,14 +38,14 @@ def self_attention(ad: LlamaAdapter, layer, h: torch.Tensor, cos, sin, bias, pas
     """Grouped-query attention with rotary positions; returns the context (before o_proj) and the full keys/values."""
     b, s, _ = h.shape
     q = layer.q(h).view(b, s, layer.heads, ad.head_dim).transpose(1, 2)
-    k = layer.k(h).view(b, s, ad.kv_heads, ad.head_dim).transpose(1, 2)
-    v = layer.v(h).view(b, s, ad.kv_heads, ad.head_dim).transpose(1, 2)
+    k = layer.k(h).view(b, s, layer.kv_heads, ad.head_dim).transpose(1, 2)
+    v = layer.v(h).view(b, s, layer.kv_heads, ad.head_dim).transpose(1, 2)
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
     if past_k is not None:
         k = torch.cat([past_k, k], dim=2)
         v = torch.cat([past_v, v], dim=2)
-    groups = layer.heads // ad.kv_heads
+    groups = layer.heads // layer.kv_heads
     kr = k.repeat_interleave(groups, dim=1)
     vr = v.repeat_interleave(groups, dim=1)
     logits = (q @ kr.transpose(-1, -2)) * (1.0 / math.sqrt(ad.head_dim)) + bias
@@ -75,8 +75,7 @@ class DecoderProgram(nn.Module):
 
 def empty_past(adapter: LlamaAdapter, batch: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
     """The one-slot dummy past that a prefill passes (masked out by a leading 0 in the attention mask)."""
-    shape = (batch, adapter.kv_heads, 1, adapter.head_dim)
-    return [torch.zeros(shape, device=device) for _ in range(2 * len(adapter.layers))]
+    return [torch.zeros(batch, kv, 1, adapter.head_dim, device=device) for kv in adapter.kv_heads for _ in range(2)]
 
 
 def prefill_inputs(adapter: LlamaAdapter, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:

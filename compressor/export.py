@@ -76,7 +76,7 @@ def lower_decoder_to_onnx(program: torch.nn.Module, adapter, path: Path) -> Path
     b, s, p = 2, 5, 3
     ids = torch.randint(0, adapter.config.vocab_size, (b, s))
     mask = torch.ones(b, p + s, dtype=torch.long)
-    past = [torch.zeros(b, adapter.kv_heads, p, adapter.head_dim) for _ in range(2 * len(adapter.layers))]
+    past = [torch.zeros(b, kv, p, adapter.head_dim) for kv in adapter.kv_heads for _ in range(2)]
     auto = Dim.AUTO
     dynamic = ({0: auto, 1: auto}, {0: auto, 1: auto}, tuple({0: auto, 2: auto} for _ in past))  # *past is one tuple
     inputs, outputs = decoder_io_names(len(adapter.layers))

@@ -41,11 +41,15 @@ def multi_head_attention(x: torch.Tensor, q: nn.Linear, k: nn.Linear, v: nn.Line
 
 
 class LayerAdapter:
-    """One transformer block: named access to its parts and its math split at the merge point."""
+    """One transformer block: named access to its parts and its math split at the merge point.
 
-    def __init__(self, layer: nn.Module, heads: int):
+    Head and channel counts are read from the weights, so a block keeps working after structured pruning made it
+    narrower than its neighbours.
+    """
+
+    def __init__(self, layer: nn.Module, head_dim: int):
         self.layer = layer
-        self.heads = heads
+        self.head_dim = head_dim
 
     # named parts, for passes that rewrite weights
     q: nn.Linear
@@ -54,6 +58,38 @@ class LayerAdapter:
     o: nn.Linear
     fc_in: nn.Linear
     fc_out: nn.Linear
+
+    @property
+    def heads(self) -> int:
+        return self.q.out_features // self.head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k.out_features // self.head_dim
+
+    @property
+    def channels(self) -> int:
+        """MLP intermediate channels."""
+        return self.fc_out.in_features
+
+    @property
+    def channel_readers(self) -> list[nn.Linear]:
+        """Linears whose output rows are the MLP's intermediate channels (fc_in; gate and up for gated MLPs)."""
+        return [self.fc_in]
+
+    def keep_channels(self, kept: list[int]) -> None:
+        """Keep these MLP intermediate channels (indices into the current ones), in this order."""
+        idx = torch.as_tensor(kept, dtype=torch.long)
+        for lin in self.channel_readers:
+            keep_rows(lin, idx)
+        keep_columns(self.fc_out, idx)
+
+    def keep_heads(self, kept: list[int]) -> None:
+        """Keep these query heads (indices into the current ones); a family with grouped keys/values overrides it."""
+        rows = head_rows(kept, self.head_dim)
+        for lin in (self.q, self.k, self.v):
+            keep_rows(lin, rows)
+        keep_columns(self.o, rows)
 
     def attention(self, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -68,6 +104,48 @@ class LayerAdapter:
         return x if shortcut is None else shortcut(x)
 
 
+def head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
+    """Row indices of these heads in a projection laid out head after head."""
+    return torch.as_tensor([h * head_dim + j for h in heads for j in range(head_dim)], dtype=torch.long)
+
+
+@torch.no_grad()
+def keep_rows(lin: nn.Linear, idx: torch.Tensor) -> None:
+    """Keep these output features (rows of the weight, entries of the bias)."""
+    lin.weight = nn.Parameter(lin.weight[idx].contiguous(), requires_grad=False)
+    if lin.bias is not None:
+        lin.bias = nn.Parameter(lin.bias[idx].contiguous(), requires_grad=False)
+    lin.out_features = len(idx)
+
+
+@torch.no_grad()
+def keep_columns(lin: nn.Linear, idx: torch.Tensor) -> None:
+    """Keep these input features (columns of the weight)."""
+    lin.weight = nn.Parameter(lin.weight[:, idx].contiguous(), requires_grad=False)
+    lin.in_features = len(idx)
+
+
+def remove_heads_hf(model: nn.Module, attention: nn.Module, index: int, heads: list[int], heads_in_config: int) -> None:
+    """Remove heads (indices into the block's current heads) with transformers' own `prune_heads`, which records
+    them in `config.pruned_heads` (original indices) so that `from_pretrained` rebuilds the same shapes."""
+    alive = sorted(set(range(heads_in_config)) - set(attention.pruned_heads))
+    model.prune_heads({index: [alive[h] for h in heads]})
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def sync_intermediate_size(adapter: "ModelAdapter", key: str = "intermediate_size") -> None:
+    """Uniform MLP widths go into the config (`key`), so the folder reloads; mixed widths are left to the manifest."""
+    widths = {l.channels for l in adapter.layers}
+    if len(widths) != 1:
+        return
+    (c,) = widths
+    if key == "mlp_ratio":  # ViT families: int(hidden * mlp_ratio) must give c back exactly
+        adapter.config.mlp_ratio = (c + 0.5) / adapter.config.hidden_size
+    else:
+        setattr(adapter.config, key, c)
+
+
 class ModelAdapter:
     """A model family. Subclasses set `family`, `modality`, `model_types` and `protected_per_sample`."""
 
@@ -77,6 +155,9 @@ class ModelAdapter:
     protected_per_sample: int = 1  # tokens that never merge, counted for schedule caps
     auto_class: str = "AutoModel"  # the transformers class that loads the folder
     norm_placement: str = "post"  # "pre" (norm before attention/MLP) or "post" (after the residual add)
+    non_stock: str = ""  # set by a pass whose rewrite stock transformers cannot express: why the model is not reloadable
+    hf_head_pruning: bool = False  # transformers implements prune_heads (config.pruned_heads) for this family
+    intermediate_key: str = "intermediate_size"  # the config entry that sets the MLP width
 
     def __init__(self, model: nn.Module, folder):
         self.model = model
@@ -85,7 +166,68 @@ class ModelAdapter:
 
     @property
     def layers(self) -> list[LayerAdapter]:
+        return self._layers
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The model's own list of transformer blocks."""
         raise NotImplementedError
+
+    def make_layer(self, block: nn.Module) -> LayerAdapter:
+        raise NotImplementedError
+
+    def _wrap_layers(self) -> None:
+        self._layers = [self.make_layer(b) for b in self.blocks]
+
+    def keep_heads(self, index: int, kept: list[int]) -> None:
+        """Keep these heads of block `index` (indices into its current heads). Where transformers can prune heads
+        itself, through its `prune_heads`, so `config.pruned_heads` records them and the folder reloads."""
+        if not self.hf_head_pruning:
+            self.layers[index].keep_heads(sorted(kept))
+            return
+        gone = [h for h in range(self.layers[index].heads) if h not in set(kept)]
+        remove_heads_hf(self.model, self.blocks[index].attention, index, gone, self.config.num_attention_heads)
+        self._layers[index] = self.make_layer(self.blocks[index])
+
+    def keep_channels(self, index: int, kept: list[int]) -> None:
+        """Keep these MLP channels of block `index` (indices into its current channels)."""
+        self.layers[index].keep_channels(sorted(kept))
+
+    def remove_layers(self, indices: list[int]) -> None:
+        """Delete whole blocks (ShortGPT / SLEB); the config and per-block bookkeeping follow."""
+        drop = set(indices)
+        kept = [b for i, b in enumerate(self.blocks) if i not in drop]
+        self.blocks[:] = kept  # in place: the ModuleList stays registered where the model keeps it
+        self.config.num_hidden_layers = len(kept)
+        self._renumber_layers([i for i in range(len(kept) + len(drop)) if i not in drop])
+        self._wrap_layers()
+
+    def _renumber_layers(self, old_index: list[int]) -> None:
+        """After removal, block i was block old_index[i]: fix what a family keys by block index."""
+        pruned = getattr(self.config, "pruned_heads", None) or {}
+        if pruned:
+            self.config.pruned_heads = {new: pruned[old] for new, old in enumerate(old_index) if old in pruned}
+
+    def sync_config(self) -> None:
+        """Write uniform per-block sizes (MLP channels; heads where the config holds them) into the config after
+        structured pruning, so `save_pretrained` writes a folder that reloads."""
+        sync_intermediate_size(self, self.intermediate_key)
+
+    @property
+    def uniform_blocks(self) -> bool:
+        """Every block has the same sizes (heads only matter where the config, not pruned_heads, holds them)."""
+        same = lambda values: len(set(values)) <= 1  # noqa: E731
+        if not same(l.channels for l in self.layers):
+            return False
+        return self.hf_head_pruning or (same(l.heads for l in self.layers) and same(l.kv_heads for l in self.layers))
+
+    @property
+    def transformers_loadable(self) -> bool:
+        """Whether `save_pretrained` of the current model reloads with stock transformers (no shortcut matrices,
+        no per-block sizes the config cannot express, nothing a pass marked as non-stock)."""
+        if self.non_stock or not self.uniform_blocks:
+            return False
+        return not any("shortcut" in name for name, _ in self.model.named_parameters())
 
     def input_specs(self, shapes: dict) -> list[InputSpec]:
         raise NotImplementedError
@@ -120,11 +262,20 @@ class ModelAdapter:
 
     def describe(self) -> dict:
         c = self.config
-        return {
+        out = {
             "family": self.family,
             "modality": self.modality,
-            "layers": c.num_hidden_layers,
+            "layers": len(self.layers),
             "hidden_size": c.hidden_size,
             "heads": c.num_attention_heads,
             "params": sum(p.numel() for p in self.model.parameters()),
+            "transformers_loadable": self.transformers_loadable,
         }
+        heads, channels = [l.heads for l in self.layers], [l.channels for l in self.layers]
+        if len(set(heads)) > 1 or heads and heads[0] != c.num_attention_heads:
+            out["heads_per_layer"] = heads
+        if len(set(channels)) > 1:
+            out["channels_per_layer"] = channels
+        elif channels:
+            out["intermediate_size"] = channels[0]
+        return out

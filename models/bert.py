@@ -16,8 +16,8 @@ TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 class BertLayerAdapter(LayerAdapter):
-    def __init__(self, layer: nn.Module, heads: int):
-        super().__init__(layer, heads)
+    def __init__(self, layer: nn.Module, head_dim: int):
+        super().__init__(layer, head_dim)
         att = layer.attention
         self.q, self.k, self.v = att.self.query, att.self.key, att.self.value
         self.o, self.attn_norm = att.output.dense, att.output.LayerNorm
@@ -37,16 +37,20 @@ class BertAdapter(ModelAdapter):
     modality = "text"
     model_types = ("bert",)
     protected_per_sample = 2  # [CLS] and [SEP]
+    hf_head_pruning = True
 
     def __init__(self, model, folder):
         super().__init__(model, folder)
-        self._layers = [BertLayerAdapter(l, self.config.num_attention_heads) for l in model.encoder.layer]
+        self._wrap_layers()
         self.pooling, self.normalize = _sentence_transformers_pooling(Path(folder))
         self.cls_id, self.sep_id, self.pad_id = _special_ids(Path(folder), self.config)
 
     @property
-    def layers(self):
-        return self._layers
+    def blocks(self):
+        return self.model.encoder.layer
+
+    def make_layer(self, block):
+        return BertLayerAdapter(block, self.config.hidden_size // self.config.num_attention_heads)
 
     def input_specs(self, shapes):
         b, s = shapes["batch"], shapes["seq_len"]

@@ -14,8 +14,8 @@ DEFAULT_PREPROCESS = {"size": [224, 224], "mean": [0.485, 0.456, 0.406], "std": 
 
 
 class Dinov2LayerAdapter(LayerAdapter):
-    def __init__(self, layer: nn.Module, heads: int):
-        super().__init__(layer, heads)
+    def __init__(self, layer: nn.Module, head_dim: int):
+        super().__init__(layer, head_dim)
         att = layer.attention
         self.q, self.k, self.v, self.o = att.attention.query, att.attention.key, att.attention.value, att.output.dense
         self.norm1, self.norm2 = layer.norm1, layer.norm2
@@ -48,10 +48,12 @@ class Dinov2Adapter(ModelAdapter):
     model_types = ("dinov2",)
     protected_per_sample = 1  # CLS
     norm_placement = "pre"
+    hf_head_pruning = True
+    intermediate_key = "mlp_ratio"
 
     def __init__(self, model, folder):
         super().__init__(model, folder)
-        self._layers = [Dinov2LayerAdapter(l, self.config.num_attention_heads) for l in model.encoder.layer]
+        self._wrap_layers()
         cfg = Path(folder) / "preprocessor_config.json"
         self.preprocess = dict(DEFAULT_PREPROCESS)
         if cfg.exists():
@@ -59,8 +61,11 @@ class Dinov2Adapter(ModelAdapter):
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
 
     @property
-    def layers(self):
-        return self._layers
+    def blocks(self):
+        return self.model.encoder.layer
+
+    def make_layer(self, block):
+        return Dinov2LayerAdapter(block, self.config.hidden_size // self.config.num_attention_heads)
 
     def input_specs(self, shapes):
         h, w = shapes["image_size"]

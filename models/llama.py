@@ -7,20 +7,39 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import LayerAdapter, ModelAdapter
+from .base import LayerAdapter, ModelAdapter, head_rows, keep_columns, keep_rows
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
 
 
 class LlamaLayerAdapter(LayerAdapter):
-    def __init__(self, layer: nn.Module, heads: int, kv_heads: int):
-        super().__init__(layer, heads)
-        self.kv_heads = kv_heads
+    def __init__(self, layer: nn.Module, head_dim: int):
+        super().__init__(layer, head_dim)
         att, mlp = layer.self_attn, layer.mlp
         self.q, self.k, self.v, self.o = att.q_proj, att.k_proj, att.v_proj, att.o_proj
         self.attn_norm, self.mlp_norm = layer.input_layernorm, layer.post_attention_layernorm
         self.gate, self.up, self.fc_out, self.act = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
         self.fc_in = self.up
+
+    @property
+    def channel_readers(self):
+        return [self.gate, self.up]
+
+    def keep_heads(self, kept):
+        """Keep these query heads and the key/value groups they read; every kept group must keep the same number of
+        query heads (grouped-query attention repeats each key/value head over a fixed group)."""
+        group = self.heads // self.kv_heads
+        groups = sorted({h // group for h in kept})
+        per_group = {g: sum(1 for h in kept if h // group == g) for g in groups}
+        if len(set(per_group.values())) != 1:
+            raise ValueError(f"kept query heads {kept} leave unequal groups {per_group}: grouped-query attention needs "
+                             "the same number of query heads in every key/value group")
+        q_rows, kv_rows = head_rows(kept, self.head_dim), head_rows(groups, self.head_dim)
+        keep_rows(self.q, q_rows)
+        keep_rows(self.k, kv_rows)
+        keep_rows(self.v, kv_rows)
+        keep_columns(self.o, q_rows)
+        self.layer.self_attn.num_key_value_groups = self.heads // self.kv_heads  # transformers' own forward agrees
 
     @property
     def residual_readers(self) -> dict[str, list[nn.Linear]]:
@@ -49,13 +68,41 @@ class LlamaAdapter(ModelAdapter):
     def __init__(self, model, folder):
         super().__init__(model, folder)
         c = self.config
-        self.kv_heads = c.num_key_value_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        self._layers = [LlamaLayerAdapter(l, c.num_attention_heads, self.kv_heads) for l in model.model.layers]
+        self._wrap_layers()
 
     @property
-    def layers(self):
-        return self._layers
+    def blocks(self):
+        return self.model.model.layers
+
+    def make_layer(self, block):
+        return LlamaLayerAdapter(block, self.head_dim)
+
+    @property
+    def kv_heads(self) -> list[int]:
+        """Key/value heads of every block (they differ after width pruning removed whole groups unevenly)."""
+        return [l.kv_heads for l in self._layers]
+
+    def _renumber_layers(self, old_index):
+        super()._renumber_layers(old_index)
+        for i, block in enumerate(self.blocks):
+            block.self_attn.layer_idx = i  # transformers' KV cache is keyed by it
+        if isinstance(getattr(self.config, "layer_types", None), list):
+            self.config.layer_types = [self.config.layer_types[i] for i in old_index]
+
+    def sync_config(self):
+        super().sync_config()
+        layers, c = self._layers, self.config
+        if len({l.heads for l in layers}) == 1 and len({l.kv_heads for l in layers}) == 1:
+            c.num_attention_heads, c.num_key_value_heads = layers[0].heads, layers[0].kv_heads
+            c.head_dim = self.head_dim  # no longer hidden_size / heads
+        # a compensated output projection has a bias; transformers' Llama has biases on all of a module's
+        # projections or on none (attention_bias, mlp_bias), so the others get zero biases
+        for flag, group in (("attention_bias", lambda l: [l.q, l.k, l.v, l.o]), ("mlp_bias", lambda l: [l.gate, l.up, l.fc_out])):
+            if any(lin.bias is not None for l in layers for lin in group(l)):
+                setattr(c, flag, True)
+                for lin in (lin for l in layers for lin in group(l) if lin.bias is None):
+                    lin.bias = nn.Parameter(torch.zeros(lin.out_features), requires_grad=False)
 
     @property
     def tokenizer_file(self) -> Path:
@@ -87,7 +134,7 @@ class LlamaAdapter(ModelAdapter):
         specs = [InputSpec("input_ids", (b, "sequence"), "int64"), InputSpec("attention_mask", (b, "total"), "int64")]
         for i in range(len(self._layers)):
             for kind in ("key", "value"):
-                specs.append(InputSpec(f"past_key_values.{i}.{kind}", (b, self.kv_heads, "past", self.head_dim), "float32"))
+                specs.append(InputSpec(f"past_key_values.{i}.{kind}", (b, self.kv_heads[i], "past", self.head_dim), "float32"))
         return specs
 
     def preprocess_config(self, shapes):
@@ -100,16 +147,11 @@ class LlamaAdapter(ModelAdapter):
     def artifact_files(self):
         return [f for f in TOKENIZER_FILES if (Path(self.folder) / f).exists()]
 
-    @property
-    def transformers_loadable(self) -> bool:
-        """False once SliceGPT's per_layer mode added shortcut matrices, which stock transformers does not know."""
-        return not any("shortcut" in name for name, _ in self.model.named_parameters())
-
     def describe(self):
         out = super().describe()
-        out.update(kv_heads=self.kv_heads, intermediate_size=self.config.intermediate_size,
-                   vocab_size=self.config.vocab_size, tied_embeddings=self.lm_head.weight is self.embed_tokens.weight,
-                   transformers_loadable=self.transformers_loadable)
+        kv = self.kv_heads
+        out.update(kv_heads=kv[0] if len(set(kv)) == 1 else kv,
+                   vocab_size=self.config.vocab_size, tied_embeddings=self.lm_head.weight is self.embed_tokens.weight)
         return out
 
     def reference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:

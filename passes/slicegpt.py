@@ -350,6 +350,7 @@ class SliceGPT(Pass):
         width = adapter.config.hidden_size
         params_before = _params(adapter.model)
         fold_layernorms(adapter)
+        adapter.non_stock = "SliceGPT centred DINOv2's residual stream and folded its LayerNorms"
         info = {"mode": cfg.mode, "width_before": width, "params_before": params_before, "transformers_loadable": False}
         if cfg.sparsity > 0:
             t = time.perf_counter()

@@ -54,8 +54,9 @@ class CausalLM(CompiledModel):
         return self.tokenizer.decode(list(map(int, ids)), skip_special_tokens=True)
 
     def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        z = np.zeros((batch, self.kv_heads, 1, self.head_dim), dtype=np.float32)
-        return {f"past_key_values.{i}.{k}": z for i in range(self.num_layers) for k in ("key", "value")}
+        kv = self.kv_heads if isinstance(self.kv_heads, list) else [self.kv_heads] * self.num_layers  # per block
+        return {f"past_key_values.{i}.{k}": np.zeros((batch, kv[i], 1, self.head_dim), dtype=np.float32)
+                for i in range(self.num_layers) for k in ("key", "value")}
 
     def _step(self, ids: np.ndarray, mask: np.ndarray, past: dict) -> tuple[np.ndarray, dict]:
         out = self.run({"input_ids": ids, "attention_mask": mask, **past})
