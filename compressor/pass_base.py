@@ -106,6 +106,8 @@ def _coerce(pass_name: str, key: str, value: Any, tp) -> Any:
     if value is None and type(None) in args:
         return None
     if isinstance(value, str):
+        if str in candidates:  # a string option keeps its text ("none" is a word, not null)
+            return value
         value = _parse_literal(value)
     for cand in candidates:
         ok, out = _try(value, cand)

@@ -195,11 +195,11 @@ class ModelAdapter:
 
     def remove_layers(self, indices: list[int]) -> None:
         """Delete whole blocks (ShortGPT / SLEB); the config and per-block bookkeeping follow."""
-        drop = set(indices)
-        kept = [b for i, b in enumerate(self.blocks) if i not in drop]
-        self.blocks[:] = kept  # in place: the ModuleList stays registered where the model keeps it
-        self.config.num_hidden_layers = len(kept)
-        self._renumber_layers([i for i in range(len(kept) + len(drop)) if i not in drop])
+        drop, total = set(indices), len(self.blocks)
+        for i in sorted(drop, reverse=True):
+            del self.blocks[i]  # in place: the ModuleList stays registered where the model keeps it
+        self.config.num_hidden_layers = len(self.blocks)
+        self._renumber_layers([i for i in range(total) if i not in drop])
         self._wrap_layers()
 
     def _renumber_layers(self, old_index: list[int]) -> None:

@@ -110,3 +110,12 @@ def output_loss(handle, out: torch.Tensor, reference: torch.Tensor, ids: torch.T
         logp = torch.log_softmax(out[:, :-1].float(), dim=-1)
         return -logp.gather(-1, ids[:, 1:, None]).mean()
     return 1.0 - torch.nn.functional.cosine_similarity(out.double(), reference.double(), dim=-1).mean()
+
+
+def real_tokens(handle, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mask (B, N) of the tokens that are not padding, from the program's inputs (text: the attention mask)."""
+    if handle.adapter.modality == "text":
+        return inputs[1] != 0
+    if handle.adapter.modality == "causal_lm":
+        return torch.ones(inputs[0].shape, dtype=torch.bool)
+    return torch.ones(inputs[0].shape[0], handle.num_tokens, dtype=torch.bool)
