@@ -128,6 +128,77 @@ def cmd_passes(args) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- models
+# example checkpoints of families whose adapters name none (`examples` on an adapter class wins)
+EXAMPLE_CHECKPOINTS = {"dinov2": ("example:dinov2-small", "facebook/dinov2-small"),
+                       "llama": ("example:smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct")}
+
+
+def model_families() -> list[dict]:
+    """One row per supported family: its model types, modality, the passes that apply and example checkpoints."""
+    import compressor.passes  # noqa: F401  (registers the bundled passes)
+    from compressor.models import ADAPTERS
+
+    rows: dict[str, dict] = {}
+    for cls in ADAPTERS:
+        row = rows.setdefault(cls.family, {"family": cls.family, "model_types": [], "modality": cls.modality,
+                                           "passes": _applicable_passes(cls), "examples": []})
+        row["model_types"] += [t for t in cls.model_types if t not in row["model_types"]]
+        for e in getattr(cls, "examples", None) or EXAMPLE_CHECKPOINTS.get(cls.family, ()):
+            if e not in row["examples"]:
+                row["examples"].append(e)
+    return list(rows.values())
+
+
+def _applicable_passes(adapter_cls) -> list[str]:
+    """Passes whose `requires` the family's capabilities meet (as a handle computes them, plus what applicable passes
+    ensure), less those whose own check refuses the family on a stand-in that has the class's attributes only."""
+    from .handle import ModelHandle
+    from .pass_base import REGISTRY
+
+    handle = ModelHandle(adapter_cls.__new__(adapter_cls), source=None, shapes={})
+    caps, applies = set(handle.capabilities), []
+    grew = True
+    while grew:
+        grew = False
+        for name, cls in sorted(REGISTRY.items()):
+            if name in applies or not cls.requires <= caps or _refuses(cls, handle):
+                continue
+            applies.append(name)
+            caps |= cls.ensures
+            grew = True
+    return sorted(applies)
+
+
+def _refuses(pass_cls, handle) -> bool:
+    stand_in = pass_cls.__new__(pass_cls)
+    stand_in.config = None  # options are not the question here: some passes have no valid default
+    try:
+        stand_in.check(handle)
+    except UsageError:
+        return True
+    except Exception:  # the check needs a loaded model: `requires` decides
+        return False
+    return False
+
+
+def cmd_models(args) -> int:
+    from rich.table import Table
+
+    rows = model_families()
+    _, out = _console()
+    if args.json:
+        out.print_json(json.dumps(rows))
+        return EXIT_OK
+    t = Table(title="supported model families (config.json model_type)", title_justify="left")
+    for col in ("family", "model types", "modality", "passes", "example checkpoints"):
+        t.add_column(col, overflow="fold")  # never cut a name short in a narrow terminal
+    for r in rows:
+        t.add_row(r["family"], ", ".join(r["model_types"]), r["modality"], ", ".join(r["passes"]), "\n".join(r["examples"]))
+    out.print(t)
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- inspect
 def cmd_inspect(args) -> int:
     from rich.table import Table
@@ -241,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ps = sub.add_parser("passes", help="list registered passes with their options and defaults")
     ps.set_defaults(func=cmd_passes)
+
+    md = sub.add_parser("models", help="list supported model families: model types, modality, passes that apply, example checkpoints")
+    md.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    md.set_defaults(func=cmd_models)
 
     ins = sub.add_parser("inspect", help="show a model folder, example or artifact: architecture, params, FLOPs, tokens per layer")
     ins.add_argument("path", help="model folder, example:NAME, or artifact folder")

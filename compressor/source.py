@@ -11,6 +11,7 @@ from compressor.models import ModelAdapter, adapter_for, supported_model_types
 
 from .errors import UsageError
 from .examples import example_folder
+from .gguf import conversion_record, converted_folder, gguf_file
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -22,9 +23,10 @@ class SourceInfo:
     model_type: str
     weights_file: str
     weights_sha256: str
+    converted_from: dict | None = None  # a GGUF source: {"gguf_file", "gguf_sha256"}; the folder is its conversion
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if v is not None}
 
     @property
     def reload_spec(self) -> str:
@@ -38,6 +40,8 @@ def resolve_folder(spec: str) -> Path:
     path = Path(spec).expanduser()
     if not path.exists():
         raise UsageError(f"model path '{spec}' does not exist (give a Hugging Face model folder or example:minilm / example:dinov2-small)")
+    if (gguf := gguf_file(path, spec)) is not None:
+        return converted_folder(gguf, spec)
     if not path.is_dir() or not (path / "config.json").exists():
         raise UsageError(f"'{spec}' is not a Hugging Face model folder: no config.json inside")
     return path
@@ -58,11 +62,33 @@ def read_model_type(folder: Path, spec: str) -> str:
         raise UsageError(f"'{spec}': config.json is not readable JSON ({e})") from None
     model_type = config.get("model_type")
     if adapter_for(model_type or "") is None:
-        raise UsageError(
-            f"'{spec}': no adapter for model type '{model_type}' (supported: {', '.join(supported_model_types())}); "
-            "add one file under models/ to support it"
-        )
+        near = nearest_model_type(model_type or "")
+        if near is None:
+            raise UsageError(f"'{spec}': no adapter for model type '{model_type}' (supported: {', '.join(supported_model_types())}); "
+                             "see `compress models`, or add one file under models/")
+        family = adapter_for(near)
+        raise UsageError(f"'{spec}': no adapter for model type '{model_type}'; the nearest supported family is "
+                         f"{family.family} ({', '.join(family.model_types)}): see `compress models`")
     return model_type
+
+
+def nearest_model_type(name: str) -> str | None:
+    """The supported model type that `name` extends (`vit_mae` -> vit, `xlm-roberta-xl` -> xlm-roberta), else the
+    most similar by spelling, if any is close."""
+    import difflib
+    import re
+
+    types = supported_model_types()
+    low = name.lower()
+    extended = [t for t in types if re.match(re.escape(t) + r"($|[-_])", low)]
+    if extended:
+        return max(extended, key=len)
+    words = re.split(r"[-_]", low)
+    named = [t for t in types if t in words]
+    if named:
+        return named[0]
+    close = difflib.get_close_matches(low, types, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def load_source(spec: str) -> tuple[ModelAdapter, SourceInfo]:
@@ -84,5 +110,5 @@ def load_source(spec: str) -> tuple[ModelAdapter, SourceInfo]:
     for p in model.parameters():
         p.requires_grad_(False)
     adapter = adapter_cls(model, folder)
-    info = SourceInfo(spec, str(folder.resolve()), model_type, weights.name, sha256_file(weights))
+    info = SourceInfo(spec, str(folder.resolve()), model_type, weights.name, sha256_file(weights), conversion_record(folder))
     return adapter, info

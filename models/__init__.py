@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from .base import NORMAL, PAD, PROTECTED, InputSpec, LayerAdapter, ModelAdapter
-from .bert import BertAdapter
+from .bert import BertAdapter, RobertaAdapter
+from .clip_vision import ClipAdapter, ClipVisionAdapter
 from .dinov2 import Dinov2Adapter
+from .distilbert import DistilBertAdapter
 from .llama import LlamaAdapter, LlamaLayerAdapter
+from .mistral import MistralAdapter
+from .mpnet import MPNetAdapter
+from .qwen import Qwen2Adapter, Qwen3Adapter
+from .vit import DeiTAdapter, ViTAdapter
 
-ADAPTERS: list[type[ModelAdapter]] = [BertAdapter, Dinov2Adapter, LlamaAdapter]
+ADAPTERS: list[type[ModelAdapter]] = [BertAdapter, RobertaAdapter, DistilBertAdapter, MPNetAdapter, Dinov2Adapter,
+                                      ViTAdapter, DeiTAdapter, ClipVisionAdapter, ClipAdapter, LlamaAdapter, Qwen2Adapter, Qwen3Adapter, MistralAdapter]
 
 
 def adapter_for(model_type: str) -> type[ModelAdapter] | None:

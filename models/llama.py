@@ -1,4 +1,9 @@
-"""Llama-family causal language models (SmolLM2 and friends): pre-RMSNorm blocks, rotary positions, GQA."""
+"""Llama-family causal language models (SmolLM2 and friends): pre-RMSNorm blocks, rotary positions, GQA.
+
+Families that differ from Llama only in options (biases, per-head q/k norms, a sliding window) subclass
+`LlamaAdapter` and set class attributes (see qwen.py, mistral.py); the block math stays in one place
+(`compressor.decoder_program`). Module attribute names are those of transformers 4.57 and are checked on load.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +12,38 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compressor.errors import UsageError
+
 from .base import LayerAdapter, ModelAdapter, head_rows, keep_columns, keep_rows
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "fc_out")
+# rotary types whose frequencies change with the sequence length at run time: a static graph cannot follow them
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def require(module: nn.Module, names, family: str) -> None:
+    """One clear line when transformers lays a module out differently from the version the adapter was written for."""
+    missing = [n for n in names if not hasattr(module, n)]
+    if missing:
+        import transformers
+
+        raise UsageError(f"transformers {transformers.__version__}: {type(module).__name__} has no '{missing[0]}'; the "
+                         f"{family} adapter is written against transformers 4.57 (pip install 'transformers>=4.57,<4.58')")
 
 
 class LlamaLayerAdapter(LayerAdapter):
-    def __init__(self, layer: nn.Module, head_dim: int):
+    def __init__(self, layer: nn.Module, head_dim: int, qk_norm: bool = False, sliding_window: int | None = None):
         super().__init__(layer, head_dim)
         att, mlp = layer.self_attn, layer.mlp
         self.q, self.k, self.v, self.o = att.q_proj, att.k_proj, att.v_proj, att.o_proj
         self.attn_norm, self.mlp_norm = layer.input_layernorm, layer.post_attention_layernorm
         self.gate, self.up, self.fc_out, self.act = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
         self.fc_in = self.up
+        # Qwen3: RMSNorm over each head's query and key before rotary (one weight shared by the heads: pruning
+        # heads leaves it as it is); None elsewhere
+        self.q_norm, self.k_norm = (att.q_norm, att.k_norm) if qk_norm else (None, None)
+        self.sliding_window = sliding_window  # keys further back than this many slots are masked (Mistral, Qwen)
 
     @property
     def channel_readers(self):
@@ -64,19 +88,37 @@ class LlamaAdapter(ModelAdapter):
     model_types = ("llama",)
     auto_class = "AutoModelForCausalLM"
     norm_placement = "pre"
+    qk_norm = False  # per-head RMSNorm on queries and keys before rotary (Qwen3)
+    # which projections stock transformers gives a bias: a config flag (all of them or none), True (always), False
+    # (never); a bias where transformers has none (a compensated o_proj, say) makes the model non-reloadable
+    stock_biases = {**dict.fromkeys(("q", "k", "v", "o"), "attention_bias"), **dict.fromkeys(("gate", "up", "fc_out"), "mlp_bias")}
+    attention_attrs = ("q_proj", "k_proj", "v_proj", "o_proj")  # what the adapter reads from transformers' attention
 
     def __init__(self, model, folder):
         super().__init__(model, folder)
         c = self.config
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        require(model, ["model", "lm_head"], self.family)
+        require(model.model, ["embed_tokens", "layers", "norm", "rotary_emb"], self.family)
+        rope = getattr(model.model.rotary_emb, "rope_type", "default")
+        if rope in LENGTH_DEPENDENT_ROPE:
+            raise UsageError(f"{self.family}: rope scaling '{rope}' changes with the sequence length at run time, which "
+                             "one exported graph cannot follow; use a checkpoint with static rope scaling")
         self._wrap_layers()
 
     @property
     def blocks(self):
         return self.model.model.layers
 
+    def layer_window(self, block: nn.Module) -> int | None:
+        """The block's sliding attention window, None for full attention (transformers' attribute, where it has one)."""
+        return getattr(block.self_attn, "sliding_window", None)
+
     def make_layer(self, block):
-        return LlamaLayerAdapter(block, self.head_dim)
+        require(block, ["self_attn", "mlp", "input_layernorm", "post_attention_layernorm"], self.family)
+        require(block.self_attn, self.attention_attrs + (("q_norm", "k_norm") if self.qk_norm else ()), self.family)
+        require(block.mlp, ["gate_proj", "up_proj", "down_proj", "act_fn"], self.family)
+        return LlamaLayerAdapter(block, self.head_dim, self.qk_norm, self.layer_window(block))
 
     @property
     def kv_heads(self) -> list[int]:
@@ -96,13 +138,22 @@ class LlamaAdapter(ModelAdapter):
         if len({l.heads for l in layers}) == 1 and len({l.kv_heads for l in layers}) == 1:
             c.num_attention_heads, c.num_key_value_heads = layers[0].heads, layers[0].kv_heads
             c.head_dim = self.head_dim  # no longer hidden_size / heads
-        # a compensated output projection has a bias; transformers' Llama has biases on all of a module's
-        # projections or on none (attention_bias, mlp_bias), so the others get zero biases
-        for flag, group in (("attention_bias", lambda l: [l.q, l.k, l.v, l.o]), ("mlp_bias", lambda l: [l.gate, l.up, l.fc_out])):
-            if any(lin.bias is not None for l in layers for lin in group(l)):
-                setattr(c, flag, True)
-                for lin in (lin for l in layers for lin in group(l) if lin.bias is None):
+        # a compensated output projection has a bias; where a config flag gives biases to all of a module's
+        # projections or to none (Llama's attention_bias, mlp_bias) the others get zero biases, and where
+        # transformers always has one (Qwen2's q/k/v) a projection without gets a zero bias
+        for rule in set(self.stock_biases.values()) - {False}:
+            lins = [getattr(l, n) for l in layers for n in PROJECTIONS if self.stock_biases[n] == rule]
+            if rule is True or any(lin.bias is not None for lin in lins):
+                if rule is not True:
+                    setattr(c, rule, True)
+                for lin in (lin for lin in lins if lin.bias is None):
                     lin.bias = nn.Parameter(torch.zeros(lin.out_features), requires_grad=False)
+
+    @property
+    def transformers_loadable(self):
+        """Also false where a projection has a bias that the family's transformers module cannot hold."""
+        never = [n for n in PROJECTIONS if self.stock_biases[n] is False]
+        return super().transformers_loadable and not any(getattr(l, n).bias is not None for l in self._layers for n in never)
 
     @property
     def tokenizer_file(self) -> Path:
@@ -152,6 +203,9 @@ class LlamaAdapter(ModelAdapter):
         kv = self.kv_heads
         out.update(kv_heads=kv[0] if len(set(kv)) == 1 else kv,
                    vocab_size=self.config.vocab_size, tied_embeddings=self.lm_head.weight is self.embed_tokens.weight)
+        windows = [l.sliding_window for l in self._layers]
+        if any(w is not None for w in windows):
+            out["sliding_window"] = windows[0] if len(set(windows)) == 1 else windows
         return out
 
     def reference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -31,13 +31,20 @@ class TextPreprocessor:
 
 
 class ImagePreprocessor:
-    """Resize to the compiled size, scale to [0, 1], normalise with the stored mean and std, NCHW float32."""
+    """Resize to the compiled size (or, with `crop`, resize until it covers that size and cut out its centre, as
+    CLIP's processor does), scale to [0, 1], normalise with the stored mean and std, NCHW float32."""
 
-    def __init__(self, size, mean, std, resample: str = "bicubic"):
+    def __init__(self, size, mean, std, resample: str = "bicubic", crop: bool = False):
         self.size = (int(size[0]), int(size[1]))  # (height, width)
         self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
         self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
         self.resample = resample
+        self.crop = crop
+
+    @classmethod
+    def from_config(cls, pre: dict) -> "ImagePreprocessor":
+        """From the artifact's stored `preprocess` entry."""
+        return cls(pre["size"], pre["mean"], pre["std"], pre.get("resample", "bicubic"), bool(pre.get("crop", False)))
 
     def one(self, image) -> np.ndarray:
         from PIL import Image
@@ -49,7 +56,15 @@ class ImagePreprocessor:
         if not isinstance(image, Image.Image):
             raise FeedError(f"expected a PIL image or a uint8 array, got {type(image).__name__}")
         resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[self.resample]
-        image = image.convert("RGB").resize((self.size[1], self.size[0]), resample)
+        image = image.convert("RGB")
+        h, w = self.size
+        if self.crop:
+            scale = max(h / image.height, w / image.width)
+            image = image.resize((max(w, round(image.width * scale)), max(h, round(image.height * scale))), resample)
+            left, top = (image.width - w) // 2, (image.height - h) // 2
+            image = image.crop((left, top, left + w, top + h))
+        else:
+            image = image.resize((w, h), resample)
         x = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
         return (x - self.mean) / self.std
 

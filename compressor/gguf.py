@@ -1,0 +1,73 @@
+"""GGUF checkpoints as model sources (`--model FILE.gguf`, or a folder holding one .gguf and no config.json).
+
+Transformers dequantises the file once (float32) into a safetensors folder in the cache, keyed by the file's
+sha256; the folder records which file it came from, and the manifest's source carries that record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from .cache import cache_dir
+from .errors import UsageError
+
+RECORD = "gguf_source.json"
+
+
+def gguf_file(path: Path, spec: str) -> Path | None:
+    """The GGUF file behind a source path: the file itself, or the only .gguf in a folder without config.json."""
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    if not path.is_dir() or (path / "config.json").exists():
+        return None
+    found = sorted(path.glob("*.gguf"))
+    if len(found) > 1:
+        raise UsageError(f"'{spec}' holds {len(found)} .gguf files and no config.json; pass one of them as --model FILE.gguf")
+    return found[0] if found else None
+
+
+def converted_folder(path: Path, spec: str) -> Path:
+    """The cached transformers folder dequantised from this GGUF file (converted on first use)."""
+    from .source import sha256_file
+
+    sha = sha256_file(path)
+    dest = cache_dir() / "gguf" / sha[:16]
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
+    try:
+        _convert(path, tmp / "model", spec)
+        (tmp / "model" / RECORD).write_text(json.dumps({"gguf_file": path.name, "gguf_sha256": sha}, indent=2))
+        try:
+            (tmp / "model").rename(dest)
+        except OSError:
+            if not dest.exists():  # another process converted the same file meanwhile: keep theirs
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _convert(path: Path, dest: Path, spec: str) -> None:
+    from .examples import convert_gguf
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # transformers' per-tensor progress bar
+            convert_gguf(path.parent, path.name, dest)
+    except Exception as e:  # transformers raises many types for a GGUF it cannot read
+        import transformers
+
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UsageError(f"'{spec}': transformers {transformers.__version__} cannot read this GGUF ({type(e).__name__}: {first})") from None
+
+
+def conversion_record(folder: Path) -> dict | None:
+    """The GGUF file a cached folder was converted from (name and sha256), or None for an ordinary folder."""
+    record = Path(folder) / RECORD
+    return json.loads(record.read_text()) if record.exists() else None
