@@ -24,22 +24,38 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rotary_and_bias(ad: LlamaAdapter, x: torch.Tensor, attention_mask: torch.Tensor, past_len: int):
-    """Rotary cos/sin for the new tokens and the additive causal + padding bias over past and new keys."""
+    """Rotary cos/sin for the new tokens and the additive causal + padding bias over past and new keys.
+
+    With sliding-window layers (Mistral, Qwen) a key more than `window` slots behind the query is masked too, as in
+    transformers; the bias is then one tensor if every layer has the same window, else a dict keyed by window (None:
+    full attention) from which `self_attention` takes its layer's.
+    """
     s = x.shape[1]
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, past_len:]
     cos, sin = ad.rotary(x, positions)
     key_pos = torch.arange(past_len + s, device=x.device)[None, :]
     query_pos = (torch.arange(s, device=x.device) + past_len)[:, None]
     allowed = (key_pos <= query_pos)[None, None] & (attention_mask[:, None, None, :] == 1)
-    return cos[:, None], sin[:, None], torch.where(allowed, 0.0, MASK_BIAS).to(x.dtype)
+    biases = {}
+    for w in sorted({layer.sliding_window for layer in ad.layers} or {None}, key=lambda w: w or 0):
+        inside = allowed if w is None else allowed & (key_pos > query_pos - w)[None, None]
+        biases[w] = torch.where(inside, 0.0, MASK_BIAS).to(x.dtype)
+    bias = next(iter(biases.values())) if len(biases) == 1 else biases
+    return cos[:, None], sin[:, None], bias
 
 
 def self_attention(ad: LlamaAdapter, layer, h: torch.Tensor, cos, sin, bias, past_k=None, past_v=None):
-    """Grouped-query attention with rotary positions; returns the context (before o_proj) and the full keys/values."""
+    """Grouped-query attention with rotary positions (per-head q/k RMSNorm first where the family has it); returns
+    the context (before o_proj) and the full keys/values."""
     b, s, _ = h.shape
-    q = layer.q(h).view(b, s, layer.heads, ad.head_dim).transpose(1, 2)
-    k = layer.k(h).view(b, s, layer.kv_heads, ad.head_dim).transpose(1, 2)
+    q = layer.q(h).view(b, s, layer.heads, ad.head_dim)
+    k = layer.k(h).view(b, s, layer.kv_heads, ad.head_dim)
+    if layer.q_norm is not None:
+        q, k = layer.q_norm(q), layer.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     v = layer.v(h).view(b, s, layer.kv_heads, ad.head_dim).transpose(1, 2)
+    if isinstance(bias, dict):
+        bias = bias[layer.sliding_window]
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
     if past_k is not None:

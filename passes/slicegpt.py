@@ -251,6 +251,8 @@ def slice_per_layer(adapter, windows: torch.Tensor, d: int, cfg: SliceGPTConfig)
             shortcut.weight = nn.Parameter((q_cur.T @ q_next).T.contiguous(), requires_grad=False)
             setattr(layer.layer, f"{block}_shortcut", shortcut)
             _set_linear(writer, q_next.T @ writer.weight)
+            if writer.bias is not None:  # a writer's bias is rotated too (a reader's is unchanged by its input's rotation)
+                writer.bias = nn.Parameter(q_next.T @ writer.bias, requires_grad=False)
             xs = [y @ q_next for y in ys]
             q_cur = q_next
     final_d = q_cur.shape[1]
@@ -278,8 +280,10 @@ class SliceGPT(Pass):
                 f"slicegpt needs a pre-norm model; {handle.adapter.family} normalises after each residual add (post-norm), "
                 "so a rotation of the residual stream cannot pass through its norms (computational invariance breaks)"
             )
-        if handle.adapter.family not in ("llama", "dinov2"):
-            raise UsageError(f"slicegpt supports Llama-family and DINOv2 models so far, not {handle.adapter.family}")
+        from compressor.models import LlamaAdapter
+
+        if handle.adapter.family != "dinov2" and not isinstance(handle.adapter, LlamaAdapter):
+            raise UsageError(f"slicegpt supports Llama-family decoders (Llama, Qwen2, Qwen3, Mistral) and DINOv2 so far, not {handle.adapter.family}")
         if handle.adapter.family == "dinov2":
             self._check_vit()
 
