@@ -22,7 +22,8 @@ from .handle import load as load_handle
 from .validate import validate, validation_config
 
 MODEL_FILE = "model.onnx"
-HF_FOLDER = "hf"  # language models: the compressed model as a stock transformers folder
+HF_FOLDER = "hf"  # the compressed model as a stock transformers folder, where it is one
+SENTENCE_TRANSFORMERS_FILES = ["modules.json", "sentence_bert_config.json", "1_Pooling/config.json"]  # keep its pooling
 
 
 def versions() -> dict:
@@ -118,8 +119,10 @@ def write_transformers_folder(handle, tmp: Path, step) -> None:
     """The compressed model as a stock transformers folder (hf/), with the files its pre-processing reads."""
     step("writing the transformers folder")
     handle.adapter.model.save_pretrained(str(tmp / HF_FOLDER), safe_serialization=True)
-    for name in handle.adapter.artifact_files():
-        shutil.copy2(Path(handle.adapter.folder) / name, tmp / HF_FOLDER / name)
+    folder = Path(handle.adapter.folder)
+    for name in handle.adapter.artifact_files() + [n for n in SENTENCE_TRANSFORMERS_FILES if (folder / n).exists()]:
+        (tmp / HF_FOLDER / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(folder / name, tmp / HF_FOLDER / name)
 
 
 def publish(tmp: Path, output: Path) -> None:
@@ -145,7 +148,8 @@ def build_manifest(handle, dense, stats, validation_result: dict, recipe: dict |
         outputs += [{"name": n, "shape": ["batch", kv[i], "total", ad.head_dim], "dtype": "float32"}
                     for i, n in enumerate(decoder_io_names(len(ad.layers))[1][1:])]
     else:
-        outputs = [{"name": OUTPUT_NAME, "shape": [handle.shapes["batch"], hidden], "dtype": "float32"}]
+        width = getattr(handle.adapter, "output_size", hidden)  # e.g. CLIP's projection
+        outputs = [{"name": OUTPUT_NAME, "shape": [handle.shapes["batch"], width], "dtype": "float32"}]
     return {
         "format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

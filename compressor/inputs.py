@@ -19,7 +19,7 @@ def preprocessor(handle):
     pre = handle.adapter.preprocess_config(handle.shapes)
     if pre["kind"] == "text":
         return TextPreprocessor(Path(handle.adapter.folder) / pre["tokenizer"], handle.shapes["seq_len"], pre["pad_id"])
-    return ImagePreprocessor(pre["size"], pre["mean"], pre["std"], pre.get("resample", "bicubic"))
+    return ImagePreprocessor.from_config(pre)
 
 
 def raw_samples(handle, part: str, count: int, source: str | None = None) -> list:

@@ -101,7 +101,8 @@ class TokenMerge(Pass):
     def _for_reduction(self, handle, target: float, tokens: int, layers: int, protected: int, decay: float) -> list[int]:
         """Smallest first-layer r whose FLOPs (blocks analytic, the rest measured on the captured graph) meet target."""
         c = handle.adapter.config
-        hidden, ffn = c.hidden_size, c.intermediate_size if hasattr(c, "intermediate_size") else int(c.hidden_size * c.mlp_ratio)
+        blocks = handle.adapter.layers  # widths may differ per block after width_prune: the mean stands in
+        hidden, ffn = c.hidden_size, sum(l.channels for l in blocks) // len(blocks)
         dense_blocks = schedule_flops([0] * layers, tokens, hidden, ffn)
         measured = graph_stats(capture(handle.program(dense=True), handle.example_inputs())).flops / handle.shapes["batch"]
         fixed = max(0.0, measured - dense_blocks)

@@ -94,5 +94,5 @@ class CompiledModel:
         if self.kind != "image":
             raise FeedError("embed_images() is for vision encoders; this artifact is a text encoder: use embed()")
         if self._preprocessor is None:
-            self._preprocessor = ImagePreprocessor(self._pre["size"], self._pre["mean"], self._pre["std"], self._pre.get("resample", "bicubic"))
+            self._preprocessor = ImagePreprocessor.from_config(self._pre)
         return self._run_padded(self._preprocessor(list(images)))
