@@ -2,6 +2,7 @@
 
     python benchmarks/run.py --out benchmarks/results.json [--only minilm|dinov2] [--repeats 15]
     python benchmarks/run.py --only dinov2-slicing --out benchmarks/dinov2_slicing.json
+    python benchmarks/run.py --only minilm-pruning --out benchmarks/minilm_pruning.json   (and dinov2-pruning)
 
 Rows: PyTorch eager dense, onnxruntime dense, onnxruntime compressed at several r. Columns: latency (median of
 interleaved runs), speed-up vs onnxruntime dense, FLOPs ratio (dense/compressed, counted on the captured graphs),
@@ -103,10 +104,31 @@ def finish(rows, latency, dense_flops, eager_flops_name="pytorch eager dense"):
     return table
 
 
+def width(flops: float, importance: str = "activation", compensate: str = "least_squares", **more) -> tuple:
+    return ("width_prune", {"flops": flops, "importance": importance, "compensate": compensate, **more})
+
+
 def bench_minilm(repeats: int, workdir: Path) -> dict:
-    shapes = {"batch": 16, "seq_len": 128}
     settings = [{"r": 8}, {"r": 12}, {"r": 16}, {"r": 20},
                 {"reduction": 0.36, "decay": 0.5, "proportional_attention": False}]  # the example recipe
+    return _bench_minilm(settings, repeats, workdir)
+
+
+def bench_minilm_pruning(repeats: int, workdir: Path) -> dict:
+    """width_prune at several FLOPs budgets, each importance metric and compensation, layer_prune, and pruning
+    combined with token merging (the example recipe's merging on the pruned model)."""
+    merge = ("token_merge", {"reduction": 0.36, "decay": 0.5, "proportional_attention": False})
+    return _bench_minilm([
+        [width(0.8)], [width(0.7)], [width(0.6)],
+        [width(0.6, compensate="none")], [width(0.6, compensate="bias")],
+        [width(0.6, importance="fisher")], [width(0.6, importance="magnitude", compensate="none")],
+        [("layer_prune", {"blocks": 1})], [("layer_prune", {"blocks": 1, "metric": "greedy"})],
+        [width(0.8), merge], [width(0.9), merge],
+    ], repeats, workdir)
+
+
+def _bench_minilm(settings: list, repeats: int, workdir: Path) -> dict:
+    shapes = {"batch": 16, "seq_len": 128}
     handle, eager, rows = build_variants("example:minilm", shapes, settings, workdir)
     pre = preprocessor(handle)
     timing_batch = feed_batches(handle, "validation", 16)[0]
@@ -172,6 +194,16 @@ def bench_dinov2(repeats: int, workdir: Path) -> dict:
                           [slice25], [slice25, ("token_merge", {"r": 12})]], repeats, workdir)
 
 
+def bench_dinov2_pruning(repeats: int, workdir: Path) -> dict:
+    """width_prune (uniform widths: a stock model) and layer_prune on DINOv2, alone and with token merging."""
+    merge = ("token_merge", {"r": 12})
+    return _bench_dinov2([
+        [width(0.8, uniform=True)], [width(0.7)], [width(0.7, importance="fisher", compensate="none")],
+        [width(0.7, importance="magnitude", compensate="none")], [("layer_prune", {"blocks": 2})],
+        [merge], [width(0.85, uniform=True), merge], [width(0.8, uniform=True), merge],
+    ], repeats, workdir)
+
+
 def bench_dinov2_slicing(repeats: int, workdir: Path) -> dict:
     """SliceGPT's two modes on DINOv2: portable (one rotation) against per_layer (a rotation per boundary, shortcut
     matrices) at the same sparsity and at the same parameters (per_layer 33% ~ portable 25%), spectrum widths,
@@ -226,18 +258,23 @@ def print_table(result: dict) -> None:
     Console(width=200).print(t)
 
 
+BENCHES = {"minilm": bench_minilm, "dinov2": bench_dinov2, "dinov2-slicing": bench_dinov2_slicing,
+           "minilm-pruning": bench_minilm_pruning, "dinov2-pruning": bench_dinov2_pruning}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results.json")
-    parser.add_argument("--only", choices=["minilm", "dinov2", "dinov2-slicing"],
-                        help="one benchmark; dinov2-slicing (SliceGPT modes on DINOv2) runs only when named")
+    parser.add_argument("--only", choices=list(BENCHES),
+                        help="one benchmark; the SliceGPT and pruning studies (dinov2-slicing, minilm-pruning, "
+                             "dinov2-pruning) run only when named")
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     results = {"threads": THREADS, "torch": torch.__version__, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, fn in (("minilm", bench_minilm), ("dinov2", bench_dinov2), ("dinov2-slicing", bench_dinov2_slicing)):
-            if args.only != name and (args.only or name == "dinov2-slicing"):
+        for name, fn in BENCHES.items():
+            if args.only != name and (args.only or name not in ("minilm", "dinov2")):
                 continue
             work = Path(tmp) / name
             work.mkdir()

@@ -120,7 +120,7 @@ def bench_decoder(path: Path, manifest: dict, dense_path: Path, repeats: int, wa
 
     from .lm_data import held_out_windows
 
-    dense_manifest = dict(manifest, model_file=dense_path.name)
+    dense_manifest = dict(manifest, model_file=dense_path.name, **_dense_decoder_layout(dense_path, manifest))
     models = {"dense": CausalLM(dense_path.parent, dense_manifest, threads=threads),
               "compressed": CausalLM(path, manifest, threads=threads)}
     tokenizer = path / manifest["preprocess"]["tokenizer"]
@@ -144,6 +144,23 @@ def bench_decoder(path: Path, manifest: dict, dense_path: Path, repeats: int, wa
         "dense_flops": manifest["flops"]["dense"], "compressed_flops": manifest["flops"]["compressed"],
         "params_dense": manifest["params"]["dense"], "params_compressed": manifest["params"]["compressed"],
     }
+
+
+def _dense_decoder_layout(dense_path: Path, manifest: dict) -> dict:
+    """The dense decoder's inputs, outputs and cache layout, read from its graph: pruning may have removed blocks or
+    key/value heads from the artifact, so its manifest does not describe the dense model's cache."""
+    import onnx
+
+    graph = onnx.load(str(dense_path), load_external_data=False).graph
+
+    def spec(v):
+        dtype = "int64" if v.type.tensor_type.elem_type == onnx.TensorProto.INT64 else "float32"
+        return {"name": v.name, "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim], "dtype": dtype}
+
+    inputs = [spec(v) for v in graph.input]
+    kv = [i["shape"][1] for i in inputs if i["name"].startswith("past_key_values.") and i["name"].endswith(".key")]
+    return {"inputs": inputs, "outputs": [spec(v) for v in graph.output],
+            "preprocess": dict(manifest["preprocess"], num_layers=len(kv), kv_heads=kv)}
 
 
 class _Call:

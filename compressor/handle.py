@@ -62,6 +62,10 @@ class ModelHandle:
             from .inputs import make_feeds
 
             self.probe_inputs = make_feeds(self, "probe")
+        if self.adapter.modality == "causal_lm":  # the dummy past follows the blocks' current key/value heads
+            from .decoder_program import prefill_inputs
+
+            return prefill_inputs(self.adapter, self.probe_inputs[0])
         return self.probe_inputs
 
 

@@ -57,7 +57,7 @@ class Pipeline:
             start = time.perf_counter()
             result = p.run(handle)
             seconds = time.perf_counter() - start
-            after = graph_stats(capture(handle.program(), example))
+            after = graph_stats(capture(handle.program(), handle.example_inputs()))
             if not after.static:
                 raise CompressorError(f"after pass '{p.name}' the captured graph has dynamic shapes")
             out = probe(handle)

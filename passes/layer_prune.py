@@ -72,6 +72,9 @@ class LayerPrune(Pass):
         if any("shortcut" in n for n, _ in handle.adapter.model.named_parameters()):
             raise UsageError("layer_prune must come before slicegpt's per_layer mode: its shortcut matrices tie each "
                              "block to the rotations of its neighbours")
+        if self.config.blocks is not None and self.config.blocks >= handle.num_layers:
+            raise UsageError(f"layer_prune: blocks = {self.config.blocks} would remove every block of this "
+                             f"{handle.num_layers}-block model; remove fewer")
         allowed = self._candidates(handle.num_layers)
         if self.config.blocks is not None and self.config.blocks > len(allowed):
             keep = [w for w, on in (("first", self.config.keep_first), ("last", self.config.keep_last)) if on]

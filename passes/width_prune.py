@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from compressor.errors import UsageError
+from compressor.models.base import head_rows
 from compressor.pass_base import Pass, PassResult, register
 
 from .pruning.budget import channel_cost, head_cost, resolve_budget
@@ -38,7 +39,7 @@ COMPENSATE = ("least_squares", "bias", "none")
 class WidthPruneConfig:
     params: float | None = field(default=None, metadata={"help": "fraction of the dense model's parameters to keep, e.g. 0.85"})
     flops: float | None = field(default=None, metadata={"help": "fraction of the dense model's FLOPs (compiled shapes) to keep"})
-    importance: str = field(default="fisher", metadata={"help": "fisher (mask gradients of a label-free distillation loss), activation (FLAP fluctuation) or magnitude (weights only)"})
+    importance: str = field(default="activation", metadata={"help": "activation (FLAP fluctuation, relative to the residual stream), fisher (mask gradients of a label-free distillation loss) or magnitude (weights only)"})
     compensate: str = field(default="least_squares", metadata={"help": "least_squares (refit the output projection), bias (FLAP: removed units' mean into the bias) or none"})
     heads: bool = field(default=True, metadata={"help": "attention heads may be removed"})
     mlp: bool = field(default=True, metadata={"help": "MLP channels may be removed"})
@@ -66,8 +67,8 @@ class WidthPruneConfig:
             raise ValueError(f"gqa must be 'per_group' or 'groups', got {self.gqa!r}")
         if not (self.heads or self.mlp):
             raise ValueError("heads and mlp are both off: nothing may be removed")
-        if self.round_to < 1 or self.calibration_samples < 1 or self.batch < 1 or self.calibration_len < 8 or self.damping < 0:
-            raise ValueError("round_to, calibration_samples and batch must be >= 1, calibration_len >= 8, damping >= 0")
+        if self.round_to < 1 or self.calibration_samples < 1 or self.batch < 1 or self.calibration_len < 8 or self.damping <= 0:
+            raise ValueError("round_to, calibration_samples and batch must be >= 1, calibration_len >= 8, damping > 0")
 
 
 @dataclass
@@ -96,6 +97,7 @@ class WidthPrune(Pass):
         cfg: WidthPruneConfig = self.config
         start = time.perf_counter()
         budget = resolve_budget(handle, self.name, cfg.params, cfg.flops)
+        self._check_reachable(handle, budget)
         batches = calibration_batches(handle, cfg.calibration_samples, cfg.batch, cfg.calibration_len, cfg.seed)
         cal = calibrate(handle, batches, fisher=cfg.importance == "fisher", gram=cfg.compensate == "least_squares", seed=cfg.seed)
         scoring = time.perf_counter() - start
@@ -118,6 +120,17 @@ class WidthPrune(Pass):
             "scoring_seconds": round(scoring, 2), "seconds": round(time.perf_counter() - start, 2),
             "transformers_loadable": ad.transformers_loadable,
         })
+
+    def _check_reachable(self, handle, budget) -> None:
+        """Before calibrating (minutes for Fisher on a language model): can removing all that may go meet it?"""
+        zeros = lambda sizes: [torch.zeros(n) for n in sizes]  # noqa: E731  (costs do not depend on scores)
+        layers = handle.adapter.layers
+        heads = zeros(l.heads for l in layers) if self.config.heads else None
+        channels = zeros(l.channels for l in layers) if self.config.mlp else None
+        most = sum(u.cost for q in self._queues(handle, heads, channels, budget.kind) for u in q)
+        if most < budget.to_remove:
+            raise UsageError(f"width_prune: removing every head and channel that may go leaves more than {budget.kind} = "
+                             f"{budget.keep}; ask for less, allow both heads and mlp, or combine with layer_prune")
 
     def _queues(self, handle, heads, channels, kind) -> list[list[Unit]]:
         """Ordered lists of units: each list must be taken from its front (least important first)."""
@@ -174,7 +187,7 @@ class WidthPrune(Pass):
             plan["heads"].append(kept_heads)
             plan["channels"].append(kept_channels)
             if gone_heads:
-                cols = torch.as_tensor([h * layer.head_dim + j for h in kept_heads for j in range(layer.head_dim)])
+                cols = head_rows(kept_heads, layer.head_dim)
                 new_o = compensated(layer.o, cols, cal.heads[i], cfg.compensate, cfg.damping)
                 ad.keep_heads(i, kept_heads)
                 set_projection(ad.layers[i].o, *new_o)

@@ -95,13 +95,13 @@ def test_smollm2_uniform_heads_reload(tmp_path):
     from transformers import AutoModelForCausalLM
 
     handle = load("example:smollm2")
-    Pipeline([WidthPrune(params=0.9, uniform=True, importance="activation", compensate="bias",
+    Pipeline([WidthPrune(params=0.96, uniform=True, mlp=False, importance="activation", compensate="bias",
                          calibration_samples=4, calibration_len=64, batch=4)]).run(handle)
     ad, c = handle.adapter, handle.adapter.config
-    assert c.num_key_value_heads == 3 and c.num_attention_heads % 3 == 0 and c.head_dim == 64
+    assert c.num_key_value_heads == 3 and c.num_attention_heads == 6 and c.head_dim == 64  # one head per group went
     assert {l.heads for l in ad.layers} == {c.num_attention_heads} and ad.transformers_loadable
-    assert c.mlp_bias and all(l.fc_out.bias is not None and l.gate.bias is not None for l in ad.layers)
-    assert c.attention_bias == any(l.o.bias is not None for l in ad.layers)  # compensated projections carry biases
+    assert c.attention_bias and all(l.o.bias is not None and l.q.bias is not None for l in ad.layers)  # compensated
+    assert not c.mlp_bias and all(l.fc_out.bias is None for l in ad.layers)
     ad.model.save_pretrained(str(tmp_path))
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     ids = torch.tensor([[1, 504, 3575, 282, 4649, 314, 253, 1345]])
@@ -122,7 +122,7 @@ def test_smollm2_layers_and_groups_export_and_generate(tmp_path):
     export, validation and the torch-free runtime."""
     out = build(tmp_path, "lm", "example:smollm2", [
         {"name": "layer_prune", "blocks": 2, "calibration_samples": 4, "calibration_len": 64, "batch": 4},
-        {"name": "width_prune", "params": 0.75, "gqa": "groups", "importance": "activation", "mlp": False,
+        {"name": "width_prune", "params": 0.9, "gqa": "groups", "importance": "activation", "mlp": False,
          "calibration_samples": 4, "calibration_len": 64, "batch": 4},
     ], {}, None, perplexity_windows=2, max_perplexity_ratio=1e6, greedy_prompts=2, min_greedy_agreement=0.5)
     m = json.loads((out / "manifest.json").read_text())
@@ -153,6 +153,8 @@ def test_dinov2_prune_and_merge_compile(tmp_path):
 @pytest.mark.parametrize("spec, fragment", [
     ("layer_prune:blocks=6", "only 4 of the 6 blocks may go"),
     ("layer_prune:blocks=2,flops=0.5", "exactly one budget"),
+    ("layer_prune:blocks=6,keep_first=false,keep_last=false", "would remove every block"),
+    ("width_prune:params=0.2,heads=false", "removing every head and channel that may go"),
     ("layer_prune:params=1.5", "must lie in (0, 1)"),
     ("width_prune:params=0.9,heads=false,mlp=false", "nothing may be removed"),
     ("width_prune:params=0.9,importance=taylor", "importance must be one of"),

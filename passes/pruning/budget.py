@@ -42,10 +42,6 @@ def tokens_per_layer(handle) -> list[tuple[int, int]]:
     return list(zip(counts[:-1], counts[1:]))
 
 
-def _linear_numel(linears) -> int:
-    return sum(l.weight.numel() for l in linears)
-
-
 def head_cost(handle, index: int, query_heads: int, kv_heads: int, kind: str) -> float:
     """Parameters, or FLOPs at the compiled shapes, of `query_heads` query heads and `kv_heads` key/value heads of
     block `index` (attention scores and context included in FLOPs)."""

@@ -94,16 +94,15 @@ def calibrate(handle, batches, fisher: bool, gram: bool, seed: int = 0) -> Calib
         for batch in batches:
             singles = zip(*(t.split(1) for t in batch)) if fisher else [batch]
             for inputs in singles:
-                state["tokens"] = real_tokens(handle, inputs).reshape(-1)
-                with torch.set_grad_enabled(fisher):
+                state["tokens"] = real = real_tokens(handle, inputs).reshape(-1)
+                with torch.set_grad_enabled(fisher):  # Fisher needs gradients even when called under no_grad
                     w = walk(handle, inputs, keep_states=True)
-                real = state["tokens"]
+                    loss = _fisher_objective(handle, w.output, g) if fisher else None
                 for i, x in enumerate(w.states[:-1]):
                     out.stream[i] += float((x.detach().reshape(-1, x.shape[-1])[real].double() ** 2).sum())
                 tokens_seen += int(real.sum())
-                if not fisher:
+                if loss is None:
                     continue
-                loss = _fisher_objective(handle, w.output, g)
                 grads = torch.autograd.grad(loss, head_masks + channel_masks)
                 for acc, gr in zip(out.head_fisher + out.channel_fisher, grads):
                     acc.add_(gr.double() ** 2)
