@@ -67,6 +67,13 @@ class Dinov2Adapter(ModelAdapter):
     def make_layer(self, block):
         return Dinov2LayerAdapter(block, self.config.hidden_size // self.config.num_attention_heads)
 
+    def _renumber_layers(self, old_index):
+        """DINOv2's config is also a backbone config: its stage names and output stage follow the depth."""
+        super()._renumber_layers(old_index)
+        c = self.config
+        c.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(old_index) + 1)]
+        c.out_features = [c.stage_names[-1]]
+
     def input_specs(self, shapes):
         h, w = shapes["image_size"]
         return [InputSpec("pixel_values", (shapes["batch"], 3, h, w), "float32")]
