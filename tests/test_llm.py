@@ -353,5 +353,5 @@ def test_recovery_options_are_checked():
     with pytest.raises(UsageError, match="device must be"):
         Distill(device="tpu")
     handle = load("example:minilm", batch=2, seq_len=16)
-    with pytest.raises(UsageError, match="requires \\['causal_lm'\\]"):
-        Pipeline([Distill(steps=1)]).run(handle)
+    with pytest.raises(UsageError, match="seq_len apply to language models only"):
+        Pipeline([Distill(steps=1, seq_len=64)]).run(handle)

@@ -152,7 +152,7 @@ def test_dinov2_prune_and_merge_compile(tmp_path):
 
 
 @pytest.mark.parametrize("spec, fragment", [
-    ("layer_prune:blocks=6", "only 4 of the 6 blocks may go"),
+    ("layer_prune:blocks=5", "only 4 of the 6 blocks may go"),
     ("layer_prune:blocks=2,flops=0.5", "exactly one budget"),
     ("layer_prune:blocks=6,keep_first=false,keep_last=false", "would remove every block"),
     ("width_prune:params=0.2,heads=false", "removing every head and channel that may go"),
