@@ -8,6 +8,7 @@ each block's attention and MLP. With an empty plan it computes exactly what the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -42,9 +43,17 @@ class EncoderProgram(nn.Module):
         self.plan = plan or TokenPlan()
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.encode(*inputs).pooled
+
+    def encode(self, *inputs: torch.Tensor, track_groups: bool = False) -> "Encoded":
+        """The forward, keeping the final hidden states, token sizes and kinds; with `track_groups`, also which input
+        tokens each token holds (merged as the features are), so another model's states can be merged the same way
+        (the distill pass compares a merged student with its dense teacher so)."""
         x, kinds = self.adapter.embed(*inputs)
-        size = torch.ones(x.shape[0], x.shape[1], 1, dtype=x.dtype)
+        b, n = x.shape[:2]
+        size = torch.ones(b, n, 1, dtype=x.dtype)
         merging = any(self.plan.merges)
+        groups = torch.eye(n, dtype=x.dtype).repeat(b, 1, 1) if merging and track_groups else None
         for i, layer in enumerate(self.adapter.layers):
             bias = torch.where(kinds == PAD, MASK_BIAS, 0.0).to(x.dtype)
             if merging and self.plan.proportional_attention:
@@ -57,5 +66,16 @@ class EncoderProgram(nn.Module):
                 size = m.merge(size)
                 x = x / size
                 kinds = m.select(kinds)
+                if groups is not None:
+                    groups = m.merge(groups)
             x = layer.mlp(x)
-        return self.adapter.pool(self.adapter.final_norm(x), size, kinds)
+        hidden = self.adapter.final_norm(x)
+        return Encoded(self.adapter.pool(hidden, size, kinds), hidden, size, kinds, groups)
+
+
+class Encoded(NamedTuple):
+    pooled: torch.Tensor  # (B, D) the program's output
+    hidden: torch.Tensor  # (B, N, C) final hidden states, before pooling
+    size: torch.Tensor  # (B, N, 1) input tokens each token holds
+    kinds: torch.Tensor  # (B, N) NORMAL / PROTECTED / PAD
+    groups: torch.Tensor | None  # (B, N, N_in) how many of each input token a token holds; None unless tracked

@@ -225,9 +225,12 @@ class ModelAdapter:
     def transformers_loadable(self) -> bool:
         """Whether `save_pretrained` of the current model reloads with stock transformers (no shortcut matrices,
         no per-block sizes the config cannot express, nothing a pass marked as non-stock)."""
-        if self.non_stock or not self.uniform_blocks:
-            return False
-        return not any("shortcut" in name for name, _ in self.model.named_parameters())
+        return not (self.non_stock or not self.uniform_blocks or self.has_shortcuts)
+
+    @property
+    def has_shortcuts(self) -> bool:
+        """SliceGPT's per_layer mode added shortcut matrices (rotations between neighbouring blocks)."""
+        return any("shortcut" in name for name, _ in self.model.named_parameters())
 
     def input_specs(self, shapes: dict) -> list[InputSpec]:
         raise NotImplementedError

@@ -119,7 +119,7 @@ class Dinov2Adapter(ModelAdapter):
         return self.model.layernorm(x[:, 0])
 
     def reference_forward(self, pixel_values):
-        if any("shortcut" in name for name, _ in self.model.named_parameters()):
+        if self.has_shortcuts:
             raise RuntimeError("transformers' DINOv2 forward has no shortcut matrices: after SliceGPT's per_layer mode "
                                "only the compiled program computes this model")
         return self.model(pixel_values=pixel_values).pooler_output

@@ -24,16 +24,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from compressor.errors import UsageError
-from compressor.merging import bipartite_soft_matching
 from compressor.models import PAD
 from compressor.pass_base import Pass, PassResult, register
-from compressor.program import MASK_BIAS
+from compressor.program import Encoded
 
 LM_ONLY = ("seq_len", "temperature", "eval_windows")
 ENCODER_ONLY = ("samples", "eval_samples", "hidden_weight")
@@ -72,6 +70,15 @@ class DistillConfig:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
 
 
+def optimizer_step(opt, params, loss: torch.Tensor) -> float:
+    """One step on the loss with gradients clipped to norm 1; returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
 def kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Mean over tokens of KL(teacher || student), in nats, scaled by T^2 as in Hinton et al."""
     t = temperature
@@ -80,40 +87,9 @@ def kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tem
     return F.kl_div(s, p, log_target=True, reduction="batchmean") * t * t
 
 
-class Encoded(NamedTuple):
-    pooled: torch.Tensor  # (B, D) the program's output
-    hidden: torch.Tensor  # (B, N, C) final hidden states, before pooling
-    size: torch.Tensor  # (B, N, 1) input tokens each token holds
-    kinds: torch.Tensor  # (B, N) NORMAL / PROTECTED / PAD
-    groups: torch.Tensor | None  # (B, N, N_in) how many of each input token a token holds; None without merging
-
-
 def encode(program, inputs: tuple[torch.Tensor, ...]) -> Encoded:
-    """EncoderProgram.forward, keeping what the hidden-state loss needs: the final hidden states and, when the plan
-    merges, which input tokens each token holds (merged as the features are), so the teacher's states can be merged
-    the same way. A test checks that `pooled` is the program's output."""
-    ad, plan = program.adapter, program.plan
-    x, kinds = ad.embed(*inputs)
-    b, n = x.shape[:2]
-    size = torch.ones(b, n, 1, dtype=x.dtype)
-    merging = any(plan.merges)
-    groups = torch.eye(n, dtype=x.dtype).repeat(b, 1, 1) if merging else None
-    for i, layer in enumerate(ad.layers):
-        bias = torch.where(kinds == PAD, MASK_BIAS, 0.0).to(x.dtype)
-        if merging and plan.proportional_attention:
-            bias = bias + size[..., 0].log()
-        x, metric = layer.attention(x, bias)
-        r = plan.merges[i] if i < len(plan.merges) else 0
-        if r > 0:
-            m = bipartite_soft_matching(metric, kinds, r)
-            x = m.merge(x * size)
-            size = m.merge(size)
-            x = x / size
-            kinds = m.select(kinds)
-            groups = m.merge(groups)
-        x = layer.mlp(x)
-    hidden = ad.final_norm(x)
-    return Encoded(ad.pool(hidden, size, kinds), hidden, size, kinds, groups)
+    """The encoder program's forward with what the hidden-state loss needs (EncoderProgram.encode)."""
+    return program.encode(*inputs, track_groups=True)
 
 
 def encoder_loss(student: Encoded, teacher: Encoded, hidden_weight: float) -> torch.Tensor:
@@ -246,11 +222,7 @@ class Distill(Pass):
                 with torch.no_grad():
                     target = teacher.reference_logits(ids)
                 loss = kl_per_token(student_logits(ids), target, cfg.temperature)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                losses.append(float(loss.detach()))
+                losses.append(optimizer_step(opt, params, loss))
                 done = step + 1
                 if cfg.max_seconds and time.perf_counter() - start > cfg.max_seconds:
                     break
@@ -335,11 +307,7 @@ class Distill(Pass):
                 with torch.no_grad():
                     target = encode(teacher, x)
                 loss = encoder_loss(encode(student, x), target, cfg.hidden_weight)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                losses.append(float(loss.detach()))
+                losses.append(optimizer_step(opt, params, loss))
                 done = step + 1
                 if cfg.max_seconds and time.perf_counter() - start > cfg.max_seconds:
                     break

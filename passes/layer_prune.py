@@ -69,7 +69,7 @@ class LayerPrune(Pass):
         super().check(handle)
         if any(handle.plan.merges):
             raise UsageError("layer_prune must come before token_merge in the recipe: the merge schedule is per block")
-        if any("shortcut" in n for n, _ in handle.adapter.model.named_parameters()):
+        if handle.adapter.has_shortcuts:
             raise UsageError("layer_prune must come before slicegpt's per_layer mode: its shortcut matrices tie each "
                              "block to the rotations of its neighbours")
         if self.config.blocks is not None and self.config.blocks >= handle.num_layers:

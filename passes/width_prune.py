@@ -90,7 +90,7 @@ class WidthPrune(Pass):
 
     def check(self, handle) -> None:
         super().check(handle)
-        if any("shortcut" in n for n, _ in handle.adapter.model.named_parameters()):
+        if handle.adapter.has_shortcuts:
             raise UsageError("width_prune must come before slicegpt's per_layer mode (run it first, then slice)")
 
     def run(self, handle) -> PassResult:
