@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from compressor.handle import load
-from compressor.lm_data import held_out_windows, torch_perplexity
-from compressor.pass_manager import Pipeline
+from compressor.program.handle import load
+from compressor.sources.lm_data import held_out_windows, torch_perplexity
+from compressor.pipeline.pass_manager import Pipeline
 from compressor.passes import Distill, SliceGPT
-from compressor.validate_lm import program_logits
+from compressor.export.validate_lm import program_logits
 
 
 def perplexity(handle, windows) -> float:

@@ -15,16 +15,16 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load": ("compressor.handle", "load"),
-    "ModelHandle": ("compressor.handle", "ModelHandle"),
-    "Pipeline": ("compressor.pass_manager", "Pipeline"),
-    "Pass": ("compressor.pass_base", "Pass"),
-    "PassResult": ("compressor.pass_base", "PassResult"),
-    "register": ("compressor.pass_base", "register"),
-    "compile_artifact": ("compressor.compile", "compile_artifact"),
-    "ValidationConfig": ("compressor.validate", "ValidationConfig"),
-    "load_recipe": ("compressor.recipe", "load_recipe"),
-    "run_recipe": ("compressor.build", "run_recipe"),
+    "load": ("compressor.program.handle", "load"),
+    "ModelHandle": ("compressor.program.handle", "ModelHandle"),
+    "Pipeline": ("compressor.pipeline.pass_manager", "Pipeline"),
+    "Pass": ("compressor.pipeline.pass_base", "Pass"),
+    "PassResult": ("compressor.pipeline.pass_base", "PassResult"),
+    "register": ("compressor.pipeline.pass_base", "register"),
+    "compile_artifact": ("compressor.export.compile", "compile_artifact"),
+    "ValidationConfig": ("compressor.export.validate", "ValidationConfig"),
+    "load_recipe": ("compressor.pipeline.recipe", "load_recipe"),
+    "run_recipe": ("compressor.pipeline.build", "run_recipe"),
 }
 
 

@@ -1,6 +1,6 @@
 """Family adapters: where a model family keeps its embeddings, blocks, attention q/k/v/o, MLP and norms.
 
-Passes rewrite weights and structure through these adapters; the static-shape program (`compressor.program`) runs a
+Passes rewrite weights and structure through these adapters; the static-shape program (`compressor.program.encoder`) runs a
 block as `attention` then `mlp`, so a pass such as token merging can act between the two without patching the
 model's own forward. Each family's block math is written against the transformers version the project pins.
 """

@@ -2,7 +2,7 @@
 
 Families that differ from Llama only in options (biases, per-head q/k norms, a sliding window) subclass
 `LlamaAdapter` and set class attributes (see qwen.py, mistral.py); the block math stays in one place
-(`compressor.decoder_program`). Module attribute names are those of transformers 4.57 and are checked on load.
+(`compressor.program.decoder`). Module attribute names are those of transformers 4.57 and are checked on load.
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from compressor.errors import UsageError
 from compressor.models import PAD
-from compressor.pass_base import Pass, PassResult, register
-from compressor.program import Encoded
+from compressor.pipeline.pass_base import Pass, PassResult, register
+from compressor.program.encoder import Encoded
 
 LM_ONLY = ("seq_len", "temperature", "eval_windows")
 ENCODER_ONLY = ("samples", "eval_samples", "hidden_weight")
@@ -181,9 +181,9 @@ class Distill(Pass):
     def run(self, handle) -> PassResult:
         if handle.adapter.modality != "causal_lm":
             return self._run_encoder(handle)
-        from compressor.decoder_program import prefill_inputs
-        from compressor.lm_data import calibration_windows
-        from compressor.source import load_source
+        from compressor.program.decoder import prefill_inputs
+        from compressor.sources.lm_data import calibration_windows
+        from compressor.sources.source import load_source
 
         cfg: DistillConfig = self.config
         ad = handle.adapter
@@ -250,8 +250,8 @@ class Distill(Pass):
 
     def _run_encoder(self, handle) -> PassResult:
         from compressor.passes.pruning.calibration import calibration_batches
-        from compressor.program import EncoderProgram
-        from compressor.source import load_source
+        from compressor.program.encoder import EncoderProgram
+        from compressor.sources.source import load_source
 
         cfg: DistillConfig = self.config
         ad = handle.adapter

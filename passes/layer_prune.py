@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from compressor.errors import UsageError
-from compressor.pass_base import Pass, PassResult, register
+from compressor.pipeline.pass_base import Pass, PassResult, register
 
 from .pruning.budget import block_cost, resolve_budget
 from .pruning.calibration import calibration_batches, output_loss, walk

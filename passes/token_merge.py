@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from compressor.capture import capture, graph_stats
+from compressor.program.capture import capture, graph_stats
 from compressor.errors import UsageError
-from compressor.merging import max_merge
-from compressor.pass_base import Pass, PassResult, register
+from compressor.program.merging import max_merge
+from compressor.pipeline.pass_base import Pass, PassResult, register
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 
 from compressor.errors import UsageError
 from compressor.models.base import head_rows
-from compressor.pass_base import Pass, PassResult, register
+from compressor.pipeline.pass_base import Pass, PassResult, register
 
 from .pruning.budget import channel_cost, head_cost, resolve_budget
 from .pruning.calibration import calibration_batches

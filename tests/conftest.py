@@ -12,9 +12,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from compressor.build import run_recipe  # noqa: E402
-from compressor.examples import example_folder  # noqa: E402
-from compressor.recipe import recipe_from_dict  # noqa: E402
+from compressor.pipeline.build import run_recipe  # noqa: E402
+from compressor.sources.examples import example_folder  # noqa: E402
+from compressor.pipeline.recipe import recipe_from_dict  # noqa: E402
 
 SMALL_TEXT = {"batch": 4, "seq_len": 64}
 SMALL_IMAGE = {"batch": 2, "image_size": [112, 112]}
@@ -53,4 +53,4 @@ def dinov2_artifact(tmp_path_factory) -> Path:
 
 def compress(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the real `compress` entry point in a subprocess, as a user would."""
-    return subprocess.run([sys.executable, "-m", "compressor.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "compressor.cli.app", *args], capture_output=True, text=True, timeout=timeout)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from compressor.errors import UsageError
-from compressor.handle import load
+from compressor.program.handle import load
 
 from .conftest import build, compress
 
@@ -45,7 +45,7 @@ def make_model(family: str, dest: Path, vocab: int | None = None) -> Path:
     """A small random model of the family with SmolLM2's tokenizer (its first `vocab` tokens, if given)."""
     from transformers import AutoModelForCausalLM
 
-    from compressor.examples import example_folder
+    from compressor.sources.examples import example_folder
 
     torch.manual_seed(0)
     config = family_config(family)
@@ -101,7 +101,7 @@ def ids_of(n: int, seed: int = 1) -> torch.Tensor:
 
 
 def program_logits(handle, ids):
-    from compressor.decoder_program import prefill_inputs
+    from compressor.program.decoder import prefill_inputs
 
     with torch.no_grad():
         return handle.program()(*prefill_inputs(handle.adapter, ids))[0]
@@ -109,7 +109,7 @@ def program_logits(handle, ids):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_program_matches_transformers_with_cache(folders, family):
-    from compressor.decoder_program import prefill_inputs
+    from compressor.program.decoder import prefill_inputs
 
     handle = load(str(folders[family]))
     ad = handle.adapter
@@ -235,7 +235,7 @@ def test_slicegpt_compiles_reloads_and_generates(folders, family, tmp_path):
 
 
 def test_per_layer_slicing_on_qwen3(folders):
-    from compressor.pass_manager import Pipeline
+    from compressor.pipeline.pass_manager import Pipeline
     from compressor.passes import SliceGPT
 
     handle = load(str(folders["qwen3"]))
@@ -286,7 +286,7 @@ def test_gguf_source_converts_once_and_records_the_file(folders, tmp_path, monke
     the file and its hash; a file transformers cannot read, or an ambiguous folder, is one line."""
     from transformers import AutoModelForCausalLM
 
-    from compressor.source import sha256_file
+    from compressor.sources.source import sha256_file
 
     source = make_model("qwen2", tmp_path / "source", vocab=2048)  # a small vocabulary: GGUF metadata parses slowly
     monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))

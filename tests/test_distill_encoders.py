@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from compressor.errors import UsageError
-from compressor.handle import load
-from compressor.pass_manager import Pipeline
+from compressor.program.handle import load
+from compressor.pipeline.pass_manager import Pipeline
 from compressor.passes import Distill, TokenMerge
 from compressor.passes.distill import encode
 

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from compressor.cli import main
-from compressor.handle import load
+from compressor.cli.app import main
+from compressor.program.handle import load
 from compressor.models import ADAPTERS, PROTECTED
-from compressor.program import TokenPlan
+from compressor.program.encoder import TokenPlan
 from compressor.runtime import load as load_artifact
 
 from .conftest import build, compress
@@ -39,7 +39,7 @@ def bpe_tokenizer(dest: Path) -> None:
     """A RoBERTa-style byte-level BPE tokenizer: <s> 0, <pad> 1, </s> 2, as RoBERTa and MPNet number them."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    from compressor.data import background_sentences
+    from compressor.sources.data import background_sentences
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -55,7 +55,7 @@ def bpe_tokenizer(dest: Path) -> None:
 def make_folder(model_type: str, dest: Path, bpe: Path) -> Path:
     import transformers as T
 
-    from compressor.examples import example_folder
+    from compressor.sources.examples import example_folder
 
     dest.mkdir(parents=True)
     torch.manual_seed(0)

@@ -6,10 +6,10 @@ import onnxruntime as ort
 import torch
 from transformers import AutoModel
 
-from compressor.cache import cache_dir
-from compressor.data import fashion_mnist
+from compressor.sources.cache import cache_dir
+from compressor.sources.data import fashion_mnist
 from compressor.runtime.preprocess import ImagePreprocessor
-from compressor.source import load_source
+from compressor.sources.source import load_source
 
 BACKBONE_OUT = "/backbone/layernorm/Add_1_output_0"
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from compressor.errors import UsageError
-from compressor.handle import load
-from compressor.lm_data import held_out_windows, torch_perplexity
-from compressor.pass_manager import Pipeline
+from compressor.program.handle import load
+from compressor.sources.lm_data import held_out_windows, torch_perplexity
+from compressor.pipeline.pass_manager import Pipeline
 from compressor.passes import SliceGPT
-from compressor.validate_lm import program_logits
+from compressor.export.validate_lm import program_logits
 
 from .conftest import build, compress
 
@@ -37,7 +37,7 @@ def test_decoder_program_matches_transformers_with_cache():
     handle = load("example:smollm2")
     ad = handle.adapter
     ids = torch.tensor([[1, 504, 3575, 282, 4649, 314]])
-    from compressor.decoder_program import prefill_inputs
+    from compressor.program.decoder import prefill_inputs
 
     with torch.no_grad():
         ref = ad.reference_logits(ids)
@@ -93,7 +93,7 @@ def test_per_layer_mode_matches_the_reference_architecture(windows):
 
 
 def test_spectrum_widths_give_spread_spectra_more_width():
-    from compressor.slice_schedule import lost_energy, spectrum_widths
+    from compressor.passes.slicegpt.slice_schedule import lost_energy, spectrum_widths
 
     steep = torch.tensor([0.5 ** i for i in range(64)])  # variance in a few directions
     flat = torch.ones(64)  # variance spread evenly
@@ -231,8 +231,8 @@ def test_dinov2_per_layer_slicing_equals_projecting_each_boundary():
     (Q Q^T): rotations, shortcut matrices, rescaled norms and the final projection are right at any widths."""
     import copy
 
-    from compressor.pca import pca_keeping
-    from compressor.vit_slicing import fold_layernorms, slice_per_layer_vit
+    from compressor.passes.slicegpt.pca import pca_keeping
+    from compressor.passes.slicegpt.vit_slicing import fold_layernorms, slice_per_layer_vit
 
     from .conftest import SMALL_IMAGE
 
@@ -302,7 +302,7 @@ def test_dinov2_per_layer_slicing_with_merging_exports_and_runs(tmp_path):
 def test_cli_shows_an_lm_artifact(smol_artifact):
     from rich.console import Console
 
-    from compressor.cli import _print_summary
+    from compressor.cli.app import _print_summary
 
     console = Console(record=True, width=200)
     _print_summary(console, json.loads((smol_artifact / "manifest.json").read_text()), smol_artifact)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from compressor.handle import load
-from compressor.merging import bipartite_soft_matching, max_merge
+from compressor.program.handle import load
+from compressor.program.merging import bipartite_soft_matching, max_merge
 from compressor.models import NORMAL, PAD, PROTECTED
-from compressor.program import TokenPlan
+from compressor.program.encoder import TokenPlan
 
 from .conftest import SMALL_IMAGE, SMALL_TEXT
 

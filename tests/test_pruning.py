@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from compressor.errors import UsageError
-from compressor.handle import load
-from compressor.pass_manager import Pipeline
+from compressor.program.handle import load
+from compressor.pipeline.pass_manager import Pipeline
 from compressor.passes import LayerPrune, TokenMerge, WidthPrune
 from compressor.passes.pruning.calibration import calibration_batches, walk
 from compressor.runtime import load as load_artifact
@@ -105,7 +105,7 @@ def test_smollm2_uniform_heads_reload(tmp_path):
     ad.model.save_pretrained(str(tmp_path))
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     ids = torch.tensor([[1, 504, 3575, 282, 4649, 314, 253, 1345]])
-    from compressor.decoder_program import prefill_inputs
+    from compressor.program.decoder import prefill_inputs
 
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=ids).logits, handle.program()(*prefill_inputs(ad, ids))[0], atol=1e-4)

@@ -5,12 +5,12 @@ from dataclasses import dataclass
 import pytest
 
 from compressor import Pass, PassResult, Pipeline, register
-from compressor.capture import capture, graph_stats
+from compressor.program.capture import capture, graph_stats
 from compressor.errors import UsageError
-from compressor.handle import load
-from compressor.pass_base import REGISTRY, get_pass, option_table
+from compressor.program.handle import load
+from compressor.pipeline.pass_base import REGISTRY, get_pass, option_table
 from compressor.passes import TokenMerge
-from compressor.recipe import parse_pass_spec
+from compressor.pipeline.recipe import parse_pass_spec
 
 from .conftest import SMALL_TEXT
 

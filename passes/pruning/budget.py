@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compressor.capture import capture, graph_stats
+from compressor.program.capture import capture, graph_stats
 from compressor.errors import UsageError
 
 

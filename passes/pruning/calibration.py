@@ -30,7 +30,7 @@ class Walk:
 
 
 def wiki_paragraphs() -> list[str]:
-    from compressor.wiki import wiki_split
+    from compressor.sources.wiki import wiki_split
 
     calibration, _ = wiki_split()
     return [p for article in calibration for p in article.split("\n") if len(p.split()) >= MIN_PARAGRAPH_WORDS]
@@ -41,11 +41,11 @@ def calibration_batches(handle, samples: int, batch: int, length: int = 256, see
     sequence length or image size; language models as `length`-token windows)."""
     ad = handle.adapter
     if ad.modality == "causal_lm":
-        from compressor.lm_data import calibration_windows
+        from compressor.sources.lm_data import calibration_windows
 
         windows = calibration_windows(ad.tokenizer_file, samples, length, seed)
         return [(w,) for w in torch.split(windows, batch)]
-    from compressor.inputs import preprocessor
+    from compressor.sources.inputs import preprocessor
 
     if ad.modality == "text":
         paragraphs = wiki_paragraphs()
@@ -55,7 +55,7 @@ def calibration_batches(handle, samples: int, batch: int, length: int = 256, see
         g = torch.Generator().manual_seed(seed)
         raw = [paragraphs[int(i)] for i in torch.randperm(len(paragraphs), generator=g)[:samples]]
     else:
-        from compressor import data
+        from compressor.sources import data
 
         if samples > IMAGE_COUNT:
             raise UsageError(f"calibration_samples must be at most {IMAGE_COUNT} for vision encoders, got {samples}")
@@ -72,7 +72,7 @@ def walk(handle, inputs: tuple[torch.Tensor, ...], skip: frozenset[int] | set[in
     """Run the model block by block (dense, no token plan), leaving out the blocks in `skip`."""
     ad = handle.adapter
     if ad.modality == "causal_lm":
-        from compressor.decoder_program import rotary_and_bias, self_attention
+        from compressor.program.decoder import rotary_and_bias, self_attention
 
         (ids,) = inputs
         x = ad.embed_tokens(ids)
@@ -88,7 +88,7 @@ def walk(handle, inputs: tuple[torch.Tensor, ...], skip: frozenset[int] | set[in
                 states.append(x)
         return Walk(states, mask.bool(), ad.lm_head(ad.final_norm_module(x)))
     from compressor.models import PAD
-    from compressor.program import MASK_BIAS
+    from compressor.program.encoder import MASK_BIAS
 
     x, kinds = ad.embed(*inputs)
     bias = torch.where(kinds == PAD, MASK_BIAS, 0.0).to(x.dtype)

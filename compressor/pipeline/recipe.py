@@ -18,9 +18,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UsageError
-from .pass_base import Pass, make_pass
-from .validate import VALIDATION_KEYS
+from compressor.errors import UsageError
+from compressor.pipeline.pass_base import Pass, make_pass
+from compressor.export.validate import VALIDATION_KEYS
 
 SECTIONS = {"model", "passes", "export", "validation", "data"}
 EXPORT_KEYS = {"batch", "seq_len", "image_size"}
@@ -125,9 +125,9 @@ def resolve_recipe(recipe: Recipe) -> Recipe:
 
     from compressor.models import adapter_for
 
-    from .handle import check_shapes
-    from .source import read_model_type, resolve_folder
-    from .validate import validation_config
+    from compressor.program.handle import check_shapes
+    from compressor.sources.source import read_model_type, resolve_folder
+    from compressor.export.validate import validation_config
 
     folder = resolve_folder(recipe.source)
     modality = adapter_for(read_model_type(folder, recipe.source)).modality

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from compressor.errors import UsageError
-from compressor.pca import normalized_spectrum, pca_keeping, pca_rotation, second_moment
-from compressor.pass_base import Pass, PassResult, register
+from compressor.passes.slicegpt.pca import normalized_spectrum, pca_keeping, pca_rotation, second_moment
+from compressor.pipeline.pass_base import Pass, PassResult, register
 
 
 @dataclass
@@ -102,7 +102,7 @@ def boundary_spectra(adapter, windows: torch.Tensor, batch: int) -> list[torch.T
     (the embedding's output, after each attention, after each MLP), walked block by block over all windows: memory
     is a boundary's activations (two while a block runs) and one width x width matrix, so it scales with depth and
     width like the per_layer slicing that follows."""
-    from compressor.decoder_program import rotary_and_bias, self_attention
+    from compressor.program.decoder import rotary_and_bias, self_attention
 
     xs = [adapter.embed_tokens(ids) for ids in torch.split(windows, batch)]
     geometry = [rotary_and_bias(adapter, x, torch.ones(x.shape[:2], dtype=torch.long), 0) for x in xs]
@@ -203,7 +203,7 @@ def per_layer_widths(spectra_of, layers: int, width: int, d: int, cfg: SliceGPTC
     n = 2 * layers + (1 if cfg.slice_head else 0)
     widths = [d] * n
     if cfg.schedule == "spectrum":
-        from compressor.slice_schedule import spectrum_widths
+        from compressor.passes.slicegpt.slice_schedule import spectrum_widths
 
         spectra = spectra_of()[:n]
         low = max(cfg.round_to, d - (width - d) // cfg.round_to * cfg.round_to)
@@ -216,7 +216,7 @@ def slice_per_layer(adapter, windows: torch.Tensor, d: int, cfg: SliceGPTConfig)
     """The paper's mode: a PCA rotation per residual boundary, computed layer by layer from the already-sliced
     upstream model (memory: one boundary's activations), with shortcut matrices Q_a^T Q_b on the residual paths.
     Returns the mean fraction of variance kept over the boundaries, and the boundaries' widths."""
-    from compressor.decoder_program import rotary_and_bias, self_attention
+    from compressor.program.decoder import rotary_and_bias, self_attention
 
     ad, width, eps = adapter, adapter.config.hidden_size, adapter.config.rms_norm_eps
     widths = per_layer_widths(lambda: boundary_spectra(adapter, _some(windows, cfg.batch), cfg.batch),
@@ -313,7 +313,7 @@ class SliceGPT(Pass):
             info.update(width_after=width, params_before=params_before,
                         params_after=_params(adapter.model))
             return PassResult(modified=True, info=info)
-        from compressor.lm_data import calibration_windows
+        from compressor.sources.lm_data import calibration_windows
 
         windows = calibration_windows(adapter.tokenizer_file, cfg.calibration_samples, cfg.calibration_len, cfg.seed)
         t = time.perf_counter()
@@ -344,9 +344,9 @@ class SliceGPT(Pass):
 
     def _run_vit(self, handle) -> PassResult:
         """DINOv2: centre and fold LayerNorms, PCA on calibration images, rotate and slice (either mode)."""
-        from compressor import data
-        from compressor.inputs import preprocessor
-        from compressor.vit_slicing import (boundary_spectra_vit, fold_layernorms, rotate_and_slice_vit,
+        from compressor.sources import data
+        from compressor.sources.inputs import preprocessor
+        from compressor.passes.slicegpt.vit_slicing import (boundary_spectra_vit, fold_layernorms, rotate_and_slice_vit,
                                             slice_per_layer_vit, stream_second_moment)
 
         cfg: SliceGPTConfig = self.config

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .wiki import wiki_split
+from compressor.sources.wiki import wiki_split
 
 
 def tokenize_plain(tokenizer_file: str | Path, texts: list[str]) -> np.ndarray:

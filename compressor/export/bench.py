@@ -15,16 +15,16 @@ from pathlib import Path
 from compressor.runtime.artifact import read_manifest
 from compressor.runtime.model import make_session
 
-from .cache import cache_dir
-from .errors import UsageError
-from .source import SourceInfo
+from compressor.sources.cache import cache_dir
+from compressor.errors import UsageError
+from compressor.sources.source import SourceInfo
 
 
 def dense_export(manifest: dict) -> Path:
     """The dense ONNX for the artifact's source at its shapes, exported once and cached by weights hash and shapes."""
-    from . import __version__
-    from .compile import MODEL_FILE, export_onnx
-    from .handle import load
+    from compressor import __version__
+    from compressor.export.compile import MODEL_FILE, export_onnx
+    from compressor.program.handle import load
 
     src = manifest["source"]
     key = hashlib.sha256(json.dumps([src["weights_sha256"], manifest["shapes"], __version__], sort_keys=True).encode()).hexdigest()[:16]
@@ -39,7 +39,7 @@ def dense_export(manifest: dict) -> Path:
     tmp = folder / f".{MODEL_FILE}.tmp"
     tmp.mkdir(exist_ok=True)
     if handle.adapter.modality == "causal_lm":
-        from .export import lower_decoder_to_onnx
+        from compressor.export.onnx import lower_decoder_to_onnx
 
         lower_decoder_to_onnx(handle.program(), handle.adapter, tmp / MODEL_FILE)
     else:
@@ -53,7 +53,7 @@ def held_out_batch(path: Path, manifest: dict) -> dict:
     """One compiled batch of held-out samples, pre-processed by the artifact's own stored config (no model load)."""
     from compressor.runtime.preprocess import ImagePreprocessor, TextPreprocessor
 
-    from . import data
+    from compressor.sources import data
 
     pre, shapes = manifest["preprocess"], manifest["shapes"]
     if pre["kind"] == "text":
@@ -118,7 +118,7 @@ def bench_decoder(path: Path, manifest: dict, dense_path: Path, repeats: int, wa
     """Prefill of 1 x prefill_len tokens, and decode_tokens greedy steps after a context, dense vs compressed."""
     from compressor.runtime.lm import CausalLM
 
-    from .lm_data import held_out_windows
+    from compressor.sources.lm_data import held_out_windows
 
     dense_manifest = dict(manifest, model_file=dense_path.name, **_dense_decoder_layout(dense_path, manifest))
     models = {"dense": CausalLM(dense_path.parent, dense_manifest, threads=threads),
@@ -178,8 +178,8 @@ def eval_perplexity(path: str | Path, text_file: str | Path, windows: int | None
     """Perplexity of the dense and the compressed ONNX models on a text file (no special tokens)."""
     from compressor.runtime.lm import CausalLM
 
-    from .data import read_text_file
-    from .lm_data import perplexity_windows, tokenize_plain
+    from compressor.sources.data import read_text_file
+    from compressor.sources.lm_data import perplexity_windows, tokenize_plain
 
     step = progress or (lambda msg: None)
     path = Path(path)

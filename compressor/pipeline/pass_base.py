@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .errors import UsageError
+from compressor.errors import UsageError
 
 
 @dataclass

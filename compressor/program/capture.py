@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import CompressorError
+from compressor.errors import CompressorError
 
 aten = torch.ops.aten
 

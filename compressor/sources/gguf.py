@@ -13,8 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .cache import cache_dir
-from .errors import UsageError
+from compressor.sources.cache import cache_dir
+from compressor.errors import UsageError
 
 RECORD = "gguf_source.json"
 
@@ -33,7 +33,7 @@ def gguf_file(path: Path, spec: str) -> Path | None:
 
 def converted_folder(path: Path, spec: str) -> Path:
     """The cached transformers folder dequantised from this GGUF file (converted on first use)."""
-    from .source import sha256_file
+    from compressor.sources.source import sha256_file
 
     sha = sha256_file(path)
     dest = cache_dir() / "gguf" / sha[:16]
@@ -55,7 +55,7 @@ def converted_folder(path: Path, spec: str) -> Path:
 
 
 def _convert(path: Path, dest: Path, spec: str) -> None:
-    from .examples import convert_gguf
+    from compressor.sources.examples import convert_gguf
 
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # transformers' per-tensor progress bar

@@ -12,7 +12,7 @@ import torch
 
 from compressor.runtime.preprocess import ImagePreprocessor, TextPreprocessor
 
-from . import data
+from compressor.sources import data
 
 
 def preprocessor(handle):
@@ -43,8 +43,8 @@ def feed_batches(handle, part: str, count: int, source: str | None = None) -> li
 def make_feeds(handle, part: str = "probe", source: str | None = None) -> tuple[torch.Tensor, ...]:
     """One compiled batch as torch tensors, in input order."""
     if handle.adapter.modality == "causal_lm":
-        from .decoder_program import prefill_inputs
-        from .lm_data import calibration_windows
+        from compressor.program.decoder import prefill_inputs
+        from compressor.sources.lm_data import calibration_windows
 
         ids = calibration_windows(handle.adapter.tokenizer_file, handle.shapes["batch"], handle.shapes["seq_len"], seed=0)
         return prefill_inputs(handle.adapter, ids)

@@ -8,9 +8,9 @@ import torch
 
 from compressor.models import ModelAdapter
 
-from .errors import UsageError
-from .program import EncoderProgram, TokenPlan
-from .source import SourceInfo, load_source
+from compressor.errors import UsageError
+from compressor.program.encoder import EncoderProgram, TokenPlan
+from compressor.sources.source import SourceInfo, load_source
 
 DEFAULT_SHAPES = {
     "text": {"batch": 16, "seq_len": 128},
@@ -49,7 +49,7 @@ class ModelHandle:
     def program(self, dense: bool = False) -> torch.nn.Module:
         """The exportable forward; `dense=True` ignores the token plan (the baseline)."""
         if self.adapter.modality == "causal_lm":
-            from .decoder_program import DecoderProgram
+            from compressor.program.decoder import DecoderProgram
 
             return DecoderProgram(self.adapter)
         return EncoderProgram(self.adapter, TokenPlan() if dense else self.plan)
@@ -59,11 +59,11 @@ class ModelHandle:
 
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         if self.probe_inputs is None:
-            from .inputs import make_feeds
+            from compressor.sources.inputs import make_feeds
 
             self.probe_inputs = make_feeds(self, "probe")
         if self.adapter.modality == "causal_lm":  # the dummy past follows the blocks' current key/value heads
-            from .decoder_program import prefill_inputs
+            from compressor.program.decoder import prefill_inputs
 
             return prefill_inputs(self.adapter, self.probe_inputs[0])
         return self.probe_inputs

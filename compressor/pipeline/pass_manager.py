@@ -11,9 +11,9 @@ from typing import Protocol
 
 import torch
 
-from .capture import capture, graph_stats
-from .errors import CompressorError
-from .pass_base import Pass
+from compressor.program.capture import capture, graph_stats
+from compressor.errors import CompressorError
+from compressor.pipeline.pass_base import Pass
 
 
 class PassInstrument(Protocol):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import cache_dir, extract_members, fetch_wheel
-from .errors import UsageError
+from compressor.sources.cache import cache_dir, extract_members, fetch_wheel
+from compressor.errors import UsageError
 
 GENSIM = "gensim==4.4.0"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

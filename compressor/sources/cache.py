@@ -10,7 +10,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .errors import CompressorError
+from compressor.errors import CompressorError
 
 
 def cache_dir() -> Path:

@@ -15,7 +15,7 @@ from torch import nn
 
 from compressor.models import PAD, ModelAdapter
 
-from .merging import bipartite_soft_matching
+from compressor.program.merging import bipartite_soft_matching
 
 MASK_BIAS = -1e9
 

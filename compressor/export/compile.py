@@ -15,11 +15,11 @@ from pathlib import Path
 from compressor.runtime.artifact import FORMAT_NAME, FORMAT_VERSION, MANIFEST, hash_folder
 from compressor.runtime.model import make_session
 
-from .capture import capture, graph_stats
-from .errors import UsageError, ValidationFailed
-from .export import OPSET, OUTPUT_NAME, lower_to_onnx
-from .handle import load as load_handle
-from .validate import validate, validation_config
+from compressor.program.capture import capture, graph_stats
+from compressor.errors import UsageError, ValidationFailed
+from compressor.export.onnx import OPSET, OUTPUT_NAME, lower_to_onnx
+from compressor.program.handle import load as load_handle
+from compressor.export.validate import validate, validation_config
 
 MODEL_FILE = "model.onnx"
 HF_FOLDER = "hf"  # the compressed model as a stock transformers folder, where it is one
@@ -32,7 +32,7 @@ def versions() -> dict:
     import torch
     import transformers
 
-    from . import __version__
+    from compressor import __version__
 
     return {"compressor": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__}
@@ -99,9 +99,9 @@ def _compile_decoder(handle, tmp: Path, cfg, step):
     """Language models: one dynamic-shape graph, a stock transformers folder beside it, validation on held-out text."""
     from compressor.runtime.lm import CausalLM
 
-    from .export import lower_decoder_to_onnx
-    from .source import load_source
-    from .validate_lm import validate_lm
+    from compressor.export.onnx import lower_decoder_to_onnx
+    from compressor.sources.source import load_source
+    from compressor.export.validate_lm import validate_lm
 
     step("capturing and lowering the decoder to ONNX")
     stats = graph_stats(capture(handle.program(), handle.example_inputs()))
@@ -140,7 +140,7 @@ def build_manifest(handle, dense, stats, validation_result: dict, recipe: dict |
     specs = handle.input_specs()
     hidden = handle.adapter.config.hidden_size
     if handle.adapter.modality == "causal_lm":
-        from .export import decoder_io_names
+        from compressor.export.onnx import decoder_io_names
 
         ad = handle.adapter
         outputs = [{"name": "logits", "shape": ["batch", "sequence", ad.config.vocab_size], "dtype": "float32"}]

@@ -15,8 +15,8 @@ import os
 import re
 import xml.etree.ElementTree as ET
 
-from .data import gensim_test_data
-from .errors import UsageError
+from compressor.sources.data import gensim_test_data
+from compressor.errors import UsageError
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 

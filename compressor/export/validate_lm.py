@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .decoder_program import prefill_inputs
-from .lm_data import held_out_windows, torch_perplexity
-from .wiki import wiki_split
+from compressor.program.decoder import prefill_inputs
+from compressor.sources.lm_data import held_out_windows, torch_perplexity
+from compressor.sources.wiki import wiki_split
 
 
 @dataclass
@@ -66,7 +66,7 @@ def torch_greedy(program, adapter, ids: list[int], steps: int, eos: set[int]) ->
 
 def validate_lm(handle, lm, reference_adapter, cfg: LMValidationConfig) -> dict:
     """`lm` is the runtime CausalLM over the freshly written ONNX; `reference_adapter` holds the original model."""
-    from .decoder_program import DecoderProgram
+    from compressor.program.decoder import DecoderProgram
 
     windows = held_out_windows(handle.adapter.tokenizer_file, cfg.window_len, cfg.perplexity_windows)
     ours = handle.program()

@@ -24,8 +24,8 @@ def inspect_path(spec: str) -> dict:
             "validation": {k: v for k, v in m["validation"].items() if k != "thresholds"},
             "files": len(m["files"]),
         }
-    from .capture import capture, graph_stats
-    from .handle import load
+    from compressor.program.capture import capture, graph_stats
+    from compressor.program.handle import load
 
     handle = load(spec)
     stats = graph_stats(capture(handle.program(dense=True), handle.example_inputs()))

@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from .errors import CompressorError
+from compressor.errors import CompressorError
 
 OUTPUT_NAME = "pooled"  # unique: fx node names such as "embedding" would collide with a plainer name
 OPSET = 18

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import EXIT_FAILURE, EXIT_OK, CompressorError, UsageError
+from compressor.errors import EXIT_FAILURE, EXIT_OK, CompressorError, UsageError
 
 
 def _console():
@@ -30,7 +30,7 @@ def _fmt_params(v: float) -> str:
 
 # ---------------------------------------------------------------- run
 def cmd_run(args) -> int:
-    from .recipe import Recipe, load_recipe, parse_pass_spec
+    from compressor.pipeline.recipe import Recipe, load_recipe, parse_pass_spec
 
     if args.recipe:
         recipe = load_recipe(args.recipe)
@@ -50,13 +50,13 @@ def cmd_run(args) -> int:
         recipe.validation["samples"] = args.samples
     err, out = _console()
     if args.dry_run:
-        from .recipe import resolve_recipe
+        from compressor.pipeline.recipe import resolve_recipe
 
         out.print(resolve_recipe(recipe).to_toml(), markup=False, highlight=False)
         return EXIT_OK
     if not args.output:
         raise UsageError("--output DIR is required (where the artifact is written)")
-    from .build import run_recipe
+    from compressor.pipeline.build import run_recipe
 
     with err.status("loading model...") as status:
         manifest = run_recipe(recipe, args.output, force=args.force, instruments=[_PassPrinter(err)],
@@ -114,7 +114,7 @@ def cmd_passes(args) -> int:
 
     import compressor.passes  # noqa: F401
 
-    from .pass_base import REGISTRY, option_table
+    from compressor.pipeline.pass_base import REGISTRY, option_table
 
     _, out = _console()
     for name, cls in sorted(REGISTRY.items()):
@@ -153,8 +153,8 @@ def model_families() -> list[dict]:
 def _applicable_passes(adapter_cls) -> list[str]:
     """Passes whose `requires` the family's capabilities meet (as a handle computes them, plus what applicable passes
     ensure), less those whose own check refuses the family on a stand-in that has the class's attributes only."""
-    from .handle import ModelHandle
-    from .pass_base import REGISTRY
+    from compressor.program.handle import ModelHandle
+    from compressor.pipeline.pass_base import REGISTRY
 
     handle = ModelHandle(adapter_cls.__new__(adapter_cls), source=None, shapes={})
     caps, applies = set(handle.capabilities), []
@@ -203,7 +203,7 @@ def cmd_models(args) -> int:
 def cmd_inspect(args) -> int:
     from rich.table import Table
 
-    from .inspect_model import inspect_path
+    from compressor.cli.inspect_model import inspect_path
 
     err, out = _console()
     with err.status("inspecting..."):
@@ -243,7 +243,7 @@ def cmd_inspect(args) -> int:
 def cmd_bench(args) -> int:
     from rich.table import Table
 
-    from .bench import bench_artifact
+    from compressor.export.bench import bench_artifact
 
     err, out = _console()
     with err.status("benchmarking...") as status:
@@ -277,7 +277,7 @@ def _write_json(out, path: str | None, result: dict) -> None:
 
 # ---------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
-    from .bench import eval_perplexity
+    from compressor.export.bench import eval_perplexity
 
     err, out = _console()
     with err.status("evaluating...") as status:

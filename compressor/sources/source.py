@@ -9,9 +9,9 @@ from pathlib import Path
 
 from compressor.models import ModelAdapter, adapter_for, supported_model_types
 
-from .errors import UsageError
-from .examples import example_folder
-from .gguf import conversion_record, converted_folder, gguf_file
+from compressor.errors import UsageError
+from compressor.sources.examples import example_folder
+from compressor.sources.gguf import conversion_record, converted_folder, gguf_file
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 

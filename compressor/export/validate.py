@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .inputs import feed_batches
+from compressor.sources.inputs import feed_batches
 
 
 @dataclass
@@ -70,7 +70,7 @@ def validate(handle, session, cfg: ValidationConfig, source: str | None = None, 
 def _all_keys() -> set[str]:
     from dataclasses import fields
 
-    from .validate_lm import LMValidationConfig
+    from compressor.export.validate_lm import LMValidationConfig
 
     return {f.name for f in fields(ValidationConfig)} | {f.name for f in fields(LMValidationConfig)}
 
@@ -82,8 +82,8 @@ def validation_config(modality: str, raw: dict | None):
     """The typed thresholds for this kind of model from a recipe's [validation] table."""
     from dataclasses import fields
 
-    from .errors import UsageError
-    from .validate_lm import LMValidationConfig
+    from compressor.errors import UsageError
+    from compressor.export.validate_lm import LMValidationConfig
 
     cls = LMValidationConfig if modality == "causal_lm" else ValidationConfig
     if isinstance(raw, cls):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .compile import compile_artifact
-from .handle import load
-from .pass_manager import Pipeline
-from .recipe import Recipe, resolve_recipe
+from compressor.export.compile import compile_artifact
+from compressor.program.handle import load
+from compressor.pipeline.pass_manager import Pipeline
+from compressor.pipeline.recipe import Recipe, resolve_recipe
 
 
 def run_recipe(recipe: Recipe, output, *, force: bool = False, instruments=None, progress=None) -> dict:

@@ -1,0 +1,1 @@
+"""Export and validation: lowering to ONNX, validation against PyTorch, artifacts, benchmarks."""

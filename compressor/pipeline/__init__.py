@@ -1,0 +1,1 @@
+"""The pipeline: typed passes, the pass manager, recipes, and recipe-to-artifact builds."""
