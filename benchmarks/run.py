@@ -3,6 +3,7 @@
     python benchmarks/run.py --out benchmarks/results.json [--only minilm|dinov2] [--repeats 15]
     python benchmarks/run.py --only dinov2-slicing --out benchmarks/dinov2_slicing.json
     python benchmarks/run.py --only minilm-pruning --out benchmarks/minilm_pruning.json   (and dinov2-pruning)
+    python benchmarks/run.py --only token-reduction --out benchmarks/token_reduction.json
 
 Rows: PyTorch eager dense, onnxruntime dense, onnxruntime compressed at several r. Columns: latency (median of
 interleaved runs), speed-up vs onnxruntime dense, FLOPs ratio (dense/compressed, counted on the captured graphs),
@@ -78,7 +79,7 @@ def build_variants(source: str, shapes: dict, settings: list, workdir: Path):
         st = export_onnx(h, d)
         label = " + ".join(f"{name} {opts}" for name, opts in passes)
         rows.append({"name": f"onnxruntime {label}", "setting": passes, "flops": st.flops, "params": st.params,
-                     "path": d / "model.onnx", "schedule": h.plan.merges,
+                     "path": d / "model.onnx", "schedule": h.plan.merges, "prunes": h.plan.prunes,
                      "token_counts": h.plan.token_counts(h.num_tokens, h.num_layers)})
     for r in rows:
         r["session"] = make_session(r["path"], threads=THREADS)
@@ -216,6 +217,18 @@ def bench_dinov2_slicing(repeats: int, workdir: Path) -> dict:
                           [portable, merge], [per_layer, merge], [per_layer33, merge]], repeats, workdir)
 
 
+def bench_token_reduction(repeats: int, workdir: Path) -> dict:
+    """ToMe against PiToMe merging and token pruning (EViT class attention, with and without fusion; SpAtten
+    received attention) on DINOv2 at the same FLOPs target."""
+    target = 0.4
+    return _bench_dinov2([
+        [("token_merge", {"reduction": target})], [("token_merge", {"reduction": target, "method": "pitome"})],
+        [("token_prune", {"reduction": target})], [("token_prune", {"reduction": target, "fuse_pruned": True})],
+        [("token_prune", {"reduction": target, "importance": "attention_received"})],
+        [("token_prune", {"reduction": target / 2}), ("token_merge", {"reduction": target})],
+    ], repeats, workdir)
+
+
 def _bench_dinov2(settings: list, repeats: int, workdir: Path, train: int = 1000, test: int = 500) -> dict:
     shapes = {"batch": 8, "image_size": [224, 224]}
     handle, eager, rows = build_variants("example:dinov2-small", shapes, settings, workdir)
@@ -259,7 +272,8 @@ def print_table(result: dict) -> None:
 
 
 BENCHES = {"minilm": bench_minilm, "dinov2": bench_dinov2, "dinov2-slicing": bench_dinov2_slicing,
-           "minilm-pruning": bench_minilm_pruning, "dinov2-pruning": bench_dinov2_pruning}
+           "minilm-pruning": bench_minilm_pruning, "dinov2-pruning": bench_dinov2_pruning,
+           "token-reduction": bench_token_reduction}
 
 
 def main() -> int:
@@ -267,7 +281,7 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results.json")
     parser.add_argument("--only", choices=list(BENCHES),
                         help="one benchmark; the SliceGPT and pruning studies (dinov2-slicing, minilm-pruning, "
-                             "dinov2-pruning) run only when named")
+                             "dinov2-pruning, token-reduction) run only when named")
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(THREADS)

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from .base import NORMAL, PAD, PROTECTED, InputSpec, LayerAdapter, ModelAdapter
+from .base import NORMAL, PAD, PROTECTED, Attended, InputSpec, LayerAdapter, ModelAdapter
 from .bert import BertAdapter, RobertaAdapter
 from .clip_vision import ClipAdapter, ClipVisionAdapter
 from .dinov2 import Dinov2Adapter
 from .distilbert import DistilBertAdapter
+from .gemma3 import Gemma3Adapter
 from .llama import LlamaAdapter, LlamaLayerAdapter
 from .mistral import MistralAdapter
 from .mpnet import MPNetAdapter
+from .phi3 import Phi3Adapter
 from .qwen import Qwen2Adapter, Qwen3Adapter
 from .vit import DeiTAdapter, ViTAdapter
 
 ADAPTERS: list[type[ModelAdapter]] = [BertAdapter, RobertaAdapter, DistilBertAdapter, MPNetAdapter, Dinov2Adapter,
-                                      ViTAdapter, DeiTAdapter, ClipVisionAdapter, ClipAdapter, LlamaAdapter, Qwen2Adapter, Qwen3Adapter, MistralAdapter]
+                                      ViTAdapter, DeiTAdapter, ClipVisionAdapter, ClipAdapter, LlamaAdapter, Qwen2Adapter, Qwen3Adapter, MistralAdapter,
+                                      Gemma3Adapter, Phi3Adapter]
 
 
 def adapter_for(model_type: str) -> type[ModelAdapter] | None:
@@ -25,5 +28,5 @@ def supported_model_types() -> list[str]:
     return sorted(t for a in ADAPTERS for t in a.model_types)
 
 
-__all__ = ["ADAPTERS", "adapter_for", "supported_model_types", "ModelAdapter", "LayerAdapter", "InputSpec",
+__all__ = ["ADAPTERS", "adapter_for", "supported_model_types", "ModelAdapter", "LayerAdapter", "InputSpec", "Attended",
            "NORMAL", "PROTECTED", "PAD"]

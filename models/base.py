@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -24,20 +25,35 @@ class InputSpec:
     dtype: str  # numpy dtype name
 
 
-def multi_head_attention(x: torch.Tensor, q: nn.Linear, k: nn.Linear, v: nn.Linear, heads: int, bias: torch.Tensor):
+class Attended(NamedTuple):
+    """What a block's attention hands to the token plan: its output and what merging and pruning rank tokens by."""
+
+    x: torch.Tensor  # (B, N, C) the hidden states after attention (residual and, post-LN, norm included)
+    metric: torch.Tensor  # (B, N, C/heads) keys averaged over heads: ToMe's and PiToMe's similarity
+    probs: torch.Tensor  # (B, heads, N, N) softmax attention probabilities: pruning's importance
+
+
+def multi_head_attention(x: torch.Tensor, q: nn.Linear, k: nn.Linear, v: nn.Linear, heads: int, bias: torch.Tensor) -> Attended:
     """Plain softmax attention with an additive per-key bias (padding mask, log token size).
 
-    Returns the context (B, N, C) and the keys averaged over heads (B, N, C/heads): ToMe's similarity metric.
-    Written out as matmul + softmax so it lowers to plain ONNX ops at static shapes.
+    Returns the context (B, N, C) as `x`, the keys averaged over heads and the per-head probabilities (already
+    computed, so nothing extra lands in the graph unless the token plan reads them). Written out as matmul +
+    softmax so it lowers to plain ONNX ops at static shapes.
     """
+    return biased_attention(x, q, k, v, heads, bias[:, None, None, :])
+
+
+def biased_attention(x: torch.Tensor, q: nn.Linear, k: nn.Linear, v: nn.Linear, heads: int, bias: torch.Tensor) -> Attended:
+    """`multi_head_attention` with a bias broadcastable to (B, heads, N, N) instead of a per-key one."""
     b, n, _ = x.shape
     hd = q.out_features // heads
     qh = q(x).view(b, n, heads, hd).transpose(1, 2)
     kh = k(x).view(b, n, heads, hd).transpose(1, 2)
     vh = v(x).view(b, n, heads, hd).transpose(1, 2)
-    logits = (qh @ kh.transpose(-1, -2)) * (1.0 / math.sqrt(hd)) + bias[:, None, None, :]
-    ctx = logits.softmax(dim=-1) @ vh
-    return ctx.transpose(1, 2).reshape(b, n, heads * hd), kh.mean(dim=1)
+    logits = (qh @ kh.transpose(-1, -2)) * (1.0 / math.sqrt(hd)) + bias
+    probs = logits.softmax(dim=-1)
+    ctx = probs @ vh
+    return Attended(ctx.transpose(1, 2).reshape(b, n, heads * hd), kh.mean(dim=1), probs)
 
 
 class LayerAdapter:
@@ -91,7 +107,8 @@ class LayerAdapter:
             keep_rows(lin, rows)
         keep_columns(self.o, rows)
 
-    def attention(self, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention(self, x: torch.Tensor, bias: torch.Tensor) -> Attended:
+        """The block up to the merge point: `Attended` with x the hidden states after attention."""
         raise NotImplementedError
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,8 @@ class BertLayerAdapter(LayerAdapter):
         self.fc_out, self.mlp_norm = layer.output.dense, layer.output.LayerNorm
 
     def attention(self, x, bias):
-        ctx, metric = multi_head_attention(x, self.q, self.k, self.v, self.heads, bias)
-        return self.attn_norm(x + self.o(ctx)), metric
+        att = multi_head_attention(x, self.q, self.k, self.v, self.heads, bias)
+        return att._replace(x=self.attn_norm(x + self.o(att.x)))
 
     def mlp(self, x):
         return self.mlp_norm(x + self.fc_out(self.act(self.fc_in(x))))

@@ -27,8 +27,8 @@ class ClipLayerAdapter(LayerAdapter):
         self.fc_in, self.fc_out, self.act = layer.mlp.fc1, layer.mlp.fc2, layer.mlp.activation_fn
 
     def attention(self, x, bias):
-        ctx, metric = multi_head_attention(self.norm1(x), self.q, self.k, self.v, self.heads, bias)
-        return self.residual(x, "attn") + self.o(ctx), metric
+        att = multi_head_attention(self.norm1(x), self.q, self.k, self.v, self.heads, bias)
+        return att._replace(x=self.residual(x, "attn") + self.o(att.x))
 
     def mlp(self, x):
         return self.residual(x, "mlp") + self.layer.mlp(self.norm2(x))  # transformers' CLIPMLP

@@ -27,13 +27,13 @@ class Dinov2LayerAdapter(LayerAdapter):
         self.fc_in, self.fc_out, self.act = layer.mlp.fc1, layer.mlp.fc2, layer.mlp.activation
 
     def attention_out(self, x, bias):
-        """The attention block's write to the residual stream, and ToMe's metric."""
-        ctx, metric = multi_head_attention(self.norm1(x), self.q, self.k, self.v, self.heads, bias)
-        return self.scale1(self.o(ctx)), metric
+        """The attention block's write to the residual stream (as `x`), with the metric and probabilities."""
+        att = multi_head_attention(self.norm1(x), self.q, self.k, self.v, self.heads, bias)
+        return att._replace(x=self.scale1(self.o(att.x)))
 
     def attention(self, x, bias):
-        out, metric = self.attention_out(x, bias)
-        return self.residual(x, "attn") + out, metric
+        att = self.attention_out(x, bias)
+        return att._replace(x=self.residual(x, "attn") + att.x)
 
     def mlp_out(self, x):
         return self.scale2(self.fc_out(self.act(self.fc_in(self.norm2(x)))))

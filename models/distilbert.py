@@ -18,8 +18,8 @@ class DistilBertLayerAdapter(LayerAdapter):
         self.fc_in, self.fc_out, self.act = layer.ffn.lin1, layer.ffn.lin2, layer.ffn.activation
 
     def attention(self, x, bias):
-        ctx, metric = multi_head_attention(x, self.q, self.k, self.v, self.heads, bias)
-        return self.attn_norm(x + self.o(ctx)), metric
+        att = multi_head_attention(x, self.q, self.k, self.v, self.heads, bias)
+        return att._replace(x=self.attn_norm(x + self.o(att.x)))
 
     def mlp(self, x):
         return self.mlp_norm(x + self.layer.ffn(x))  # transformers' FFN module (lin1, activation, lin2)

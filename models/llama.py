@@ -7,6 +7,7 @@ Families that differ from Llama only in options (biases, per-head q/k norms, a s
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -33,17 +34,35 @@ def require(module: nn.Module, names, family: str) -> None:
 
 
 class LlamaLayerAdapter(LayerAdapter):
+    rope = None  # which of the adapter's `rotaries` this block's attention uses (Gemma 3: "local" or "global")
+
     def __init__(self, layer: nn.Module, head_dim: int, qk_norm: bool = False, sliding_window: int | None = None):
         super().__init__(layer, head_dim)
         att, mlp = layer.self_attn, layer.mlp
-        self.q, self.k, self.v, self.o = att.q_proj, att.k_proj, att.v_proj, att.o_proj
+        (self.q, self.k, self.v), self.o = self.attention_inputs(att), att.o_proj
         self.attn_norm, self.mlp_norm = layer.input_layernorm, layer.post_attention_layernorm
-        self.gate, self.up, self.fc_out, self.act = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+        (self.gate, self.up, self.act), self.fc_out = self.gated_mlp(mlp), mlp.down_proj
         self.fc_in = self.up
         # Qwen3: RMSNorm over each head's query and key before rotary (one weight shared by the heads: pruning
         # heads leaves it as it is); None elsewhere
         self.q_norm, self.k_norm = (att.q_norm, att.k_norm) if qk_norm else (None, None)
         self.sliding_window = sliding_window  # keys further back than this many slots are masked (Mistral, Qwen)
+
+    def attention_inputs(self, att: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        """The query, key and value projections (Phi-3 keeps them fused and overrides this)."""
+        return att.q_proj, att.k_proj, att.v_proj
+
+    def gated_mlp(self, mlp: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Module]:
+        """The MLP's gate and up projections and the activation on the gate."""
+        return mlp.gate_proj, mlp.up_proj, mlp.act_fn
+
+    @property
+    def attn_scale(self) -> float:
+        return 1.0 / math.sqrt(self.head_dim)
+
+    def attn_out(self, ctx):
+        """The attention context written back to the residual stream (Gemma normalises it first)."""
+        return self.o(ctx)
 
     @property
     def channel_readers(self):
@@ -93,6 +112,7 @@ class LlamaAdapter(ModelAdapter):
     # (never); a bias where transformers has none (a compensated o_proj, say) makes the model non-reloadable
     stock_biases = {**dict.fromkeys(("q", "k", "v", "o"), "attention_bias"), **dict.fromkeys(("gate", "up", "fc_out"), "mlp_bias")}
     attention_attrs = ("q_proj", "k_proj", "v_proj", "o_proj")  # what the adapter reads from transformers' attention
+    mlp_attrs = ("gate_proj", "up_proj", "down_proj", "act_fn")  # and from its MLP
 
     def __init__(self, model, folder):
         super().__init__(model, folder)
@@ -114,10 +134,13 @@ class LlamaAdapter(ModelAdapter):
         """The block's sliding attention window, None for full attention (transformers' attribute, where it has one)."""
         return getattr(block.self_attn, "sliding_window", None)
 
-    def make_layer(self, block):
+    def check_block(self, block: nn.Module) -> None:
         require(block, ["self_attn", "mlp", "input_layernorm", "post_attention_layernorm"], self.family)
         require(block.self_attn, self.attention_attrs + (("q_norm", "k_norm") if self.qk_norm else ()), self.family)
-        require(block.mlp, ["gate_proj", "up_proj", "down_proj", "act_fn"], self.family)
+        require(block.mlp, self.mlp_attrs, self.family)
+
+    def make_layer(self, block):
+        self.check_block(block)
         return LlamaLayerAdapter(block, self.head_dim, self.qk_norm, self.layer_window(block))
 
     @property
@@ -174,6 +197,15 @@ class LlamaAdapter(ModelAdapter):
     @property
     def rotary(self) -> nn.Module:
         return self.model.model.rotary_emb
+
+    @property
+    def rotaries(self) -> dict:
+        """Rotary modules keyed by `LlamaLayerAdapter.rope`: one shared by every block here."""
+        return {None: self.rotary}
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The LM head on the final norm (Gemma soft-caps the result)."""
+        return self.lm_head(self.final_norm_module(x))
 
     def num_tokens(self, shapes):
         return shapes["seq_len"]

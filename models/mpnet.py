@@ -10,30 +10,16 @@ bias is transformers' bucketed bias at the merged tokens' (rounded) mean positio
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from compressor.errors import UsageError
 
-from .base import LayerAdapter
+from .base import LayerAdapter, biased_attention
 from .text_encoder import TextEncoderAdapter
 
 # transformers' MPNetEncoder.forward calls compute_position_bias with its default bucket count, not the config's
 NUM_BUCKETS = 32
-
-
-def biased_attention(x, q: nn.Linear, k: nn.Linear, v: nn.Linear, heads: int, bias: torch.Tensor):
-    """`multi_head_attention` with a bias broadcastable to (B, heads, N, N) instead of a per-key one."""
-    b, n, _ = x.shape
-    hd = q.out_features // heads
-    qh = q(x).view(b, n, heads, hd).transpose(1, 2)
-    kh = k(x).view(b, n, heads, hd).transpose(1, 2)
-    vh = v(x).view(b, n, heads, hd).transpose(1, 2)
-    logits = (qh @ kh.transpose(-1, -2)) * (1.0 / math.sqrt(hd)) + bias
-    ctx = logits.softmax(dim=-1) @ vh
-    return ctx.transpose(1, 2).reshape(b, n, heads * hd), kh.mean(dim=1)
 
 
 class MPNetLayerAdapter(LayerAdapter):
@@ -61,9 +47,9 @@ class MPNetLayerAdapter(LayerAdapter):
         heads = self.bias_heads
         if len(heads) != pos.shape[1]:
             pos = pos[:, heads]
-        ctx, metric = biased_attention(x, self.q, self.k, self.v, self.heads, bias[:, None, None, :] + pos)
-        out = self.attn_norm(x + self.o(ctx))
-        return torch.cat([out, self.owner.positions[..., None].to(out.dtype)], dim=-1), metric
+        att = biased_attention(x, self.q, self.k, self.v, self.heads, bias[:, None, None, :] + pos)
+        out = self.attn_norm(x + self.o(att.x))
+        return att._replace(x=torch.cat([out, self.owner.positions[..., None].to(out.dtype)], dim=-1))
 
     def mlp(self, x):
         self.owner.positions = x[..., -1]

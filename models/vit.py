@@ -19,8 +19,8 @@ class ViTLayerAdapter(LayerAdapter):
         self.fc_in, self.act, self.fc_out = layer.intermediate.dense, layer.intermediate.intermediate_act_fn, layer.output.dense
 
     def attention(self, x, bias):
-        ctx, metric = multi_head_attention(self.norm1(x), self.q, self.k, self.v, self.heads, bias)
-        return self.residual(x, "attn") + self.o(ctx), metric
+        att = multi_head_attention(self.norm1(x), self.q, self.k, self.v, self.heads, bias)
+        return att._replace(x=self.residual(x, "attn") + self.o(att.x))
 
     def mlp(self, x):
         # transformers' ViTIntermediate, and ViTOutput, which adds the residual itself

@@ -67,8 +67,8 @@ class LayerPrune(Pass):
 
     def check(self, handle) -> None:
         super().check(handle)
-        if any(handle.plan.merges):
-            raise UsageError("layer_prune must come before token_merge in the recipe: the merge schedule is per block")
+        if handle.plan.active:
+            raise UsageError("layer_prune must come before token_merge/token_prune in the recipe: the merge schedule is per block")
         if handle.adapter.has_shortcuts:
             raise UsageError("layer_prune must come before slicegpt's per_layer mode: its shortcut matrices tie each "
                              "block to the rotations of its neighbours")

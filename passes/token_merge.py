@@ -1,8 +1,12 @@
-"""token_merge: ToMe bipartite soft matching between each block's attention and MLP, at static shapes.
+"""token_merge: ToMe bipartite soft matching (or PiToMe's energy-ranked matching) between each block's attention
+and MLP, at static shapes.
 
 The schedule (tokens merged per layer) is resolved at compile time from `r` (constant, or decaying per layer with
 `decay` < 1 to merge early), a per-layer list, or a FLOPs `reduction` target; it is capped so a layer never
-merges protected tokens or more than half of the rest.
+merges protected tokens or more than half of the rest (counted after an earlier token_prune's drops).
+
+`method = "pitome"` (Tran et al., NeurIPS 2024) merges only the 2r highest-energy tokens (those with many close
+neighbours), so isolated, informative tokens are protected; see compressor/program/merging.py.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from dataclasses import dataclass, field
 
 from compressor.program.capture import capture, graph_stats
 from compressor.errors import UsageError
+from compressor.program.encoder import MERGE_METHODS
 from compressor.program.merging import max_merge
+from compressor.program.pruning import MIN_KEPT, max_prune
 from compressor.pipeline.pass_base import Pass, PassResult, register
 
 
@@ -21,8 +27,11 @@ class TokenMergeConfig:
     reduction: float | None = field(default=None, metadata={"help": "target FLOPs reduction in (0, 1), e.g. 0.4; the pass picks the smallest constant r reaching it"})
     decay: float = field(default=1.0, metadata={"help": "per-layer factor on r: 1 keeps r constant, 0.5 halves it each layer (front-loaded merging)"})
     proportional_attention: bool = field(default=True, metadata={"help": "add log(token size) to attention logits"})
+    method: str = field(default="tome", metadata={"help": "tome (bipartite matching over all tokens) or pitome (only the 2r highest-energy tokens merge)"})
 
     def __post_init__(self):
+        if self.method not in MERGE_METHODS:
+            raise ValueError(f"method must be one of {', '.join(MERGE_METHODS)}, got {self.method!r}")
         if self.r is not None and self.reduction is not None:
             raise ValueError("give either r or reduction, not both")
         if self.r is None and self.reduction is None:
@@ -42,6 +51,7 @@ def block_flops(n_in: int, n_out: int, hidden: int, ffn: int) -> float:
 
 
 def schedule_flops(merges: list[int], tokens: int, hidden: int, ffn: int) -> float:
+    """FLOPs of the blocks when layer i removes merges[i] tokens (dropped and merged alike) before its MLP."""
     total, n = 0.0, tokens
     for r in merges:
         total += block_flops(n, n - r, hidden, ffn)
@@ -49,13 +59,20 @@ def schedule_flops(merges: list[int], tokens: int, hidden: int, ffn: int) -> flo
     return total
 
 
-def constant_schedule(r: int, tokens: int, layers: int, protected: int, decay: float = 1.0) -> list[int]:
-    """r at the first layer, times `decay` per layer after it, capped where the remaining tokens cannot give it."""
+def constant_schedule(r: int, tokens: int, layers: int, protected: int, decay: float = 1.0,
+                      removed: list[int] | None = None, drops: list[int] | None = None) -> list[int]:
+    """r at the first layer, times `decay` per layer after it, capped where the remaining tokens cannot give it;
+    `removed` are tokens the plan already takes away per layer before this merge (drops, earlier merges), and
+    room is left for the `drops` of token_prune in later layers."""
     out, n = [], tokens
     for i in range(layers):
-        step = min(int(round(r * decay ** i)), max_merge(n, protected))
+        before = removed[i] if removed else 0
+        cap = max_merge(n - before, protected)
+        if drops and any(drops[i + 1:]):
+            cap = max(0, min(cap, n - before - protected - MIN_KEPT - sum(drops[i + 1:])))
+        step = min(int(round(r * decay ** i)), cap)
         out.append(step)
-        n -= step
+        n -= step + before
     return out
 
 
@@ -71,53 +88,65 @@ class TokenMerge(Pass):
         cfg: TokenMergeConfig = self.config
         layers, tokens = handle.num_layers, handle.num_tokens
         protected = handle.adapter.protected_per_sample
+        plan = handle.plan
+        if any(plan.merges) and plan.merge_method != cfg.method:
+            raise UsageError(f"token_merge: the plan already merges with {plan.merge_method}; one model uses one method, not {cfg.method} too")
+        # the plan composes with an earlier token_merge (merges add up per layer) and token_prune (drops come first)
+        previous = plan.merges or [0] * layers
+        drops = plan.prunes or [0] * layers
+        taken = [p + m for p, m in zip(drops, previous)]
         if isinstance(cfg.r, list):
             merges = self._checked_list(cfg.r, tokens, layers, protected)
         elif cfg.r is not None:
-            merges = constant_schedule(cfg.r, tokens, layers, protected, cfg.decay)
+            merges = constant_schedule(cfg.r, tokens, layers, protected, cfg.decay, taken, drops)
         else:
-            merges = self._for_reduction(handle, cfg.reduction, tokens, layers, protected, cfg.decay)
-        # the plan composes with an earlier token_merge: merges add up per layer
-        previous = handle.plan.merges or [0] * layers
+            merges = self._for_reduction(handle, cfg.reduction, tokens, layers, protected, cfg.decay, taken, drops)
         combined = [a + b for a, b in zip(previous, merges)]
-        self._checked_list(combined, tokens, layers, protected)
-        handle.plan.merges = combined
-        handle.plan.proportional_attention = cfg.proportional_attention
-        counts = handle.plan.token_counts(tokens, layers)
-        return PassResult(modified=any(merges), info={"schedule": combined, "token_counts": counts})
+        self._checked_list(combined, tokens, layers, protected, drops)
+        plan.merges = combined
+        plan.merge_method = cfg.method
+        plan.proportional_attention = cfg.proportional_attention
+        counts = plan.token_counts(tokens, layers)
+        return PassResult(modified=any(merges), info={"schedule": combined, "method": cfg.method, "token_counts": counts})
 
     @staticmethod
-    def _checked_list(merges: list[int], tokens: int, layers: int, protected: int) -> list[int]:
+    def _checked_list(merges: list[int], tokens: int, layers: int, protected: int, drops: list[int] | None = None) -> list[int]:
         if len(merges) != layers:
             raise UsageError(f"token_merge: r lists one value per layer; this model has {layers} layers, got {len(merges)}")
         n = tokens
         for i, r in enumerate(merges):
+            p = drops[i] if drops else 0
+            if p > max_prune(n, protected):
+                raise UsageError(f"token_merge: layer {i} would have {n} tokens left, too few for the {p} that token_prune drops there; lower r")
+            n -= p
             cap = max_merge(n, protected)
             if r > cap:
                 raise UsageError(f"token_merge: layer {i} would merge {r} tokens but at most {cap} of its {n} may merge; lower r")
             n -= r
         return list(merges)
 
-    def _for_reduction(self, handle, target: float, tokens: int, layers: int, protected: int, decay: float) -> list[int]:
+    def _for_reduction(self, handle, target: float, tokens: int, layers: int, protected: int, decay: float,
+                       taken: list[int], drops: list[int]) -> list[int]:
         """Smallest first-layer r whose FLOPs (blocks analytic, the rest measured on the captured graph) meet target."""
         c = handle.adapter.config
         blocks = handle.adapter.layers  # widths may differ per block after width_prune: the mean stands in
         hidden, ffn = c.hidden_size, sum(l.channels for l in blocks) // len(blocks)
         dense_blocks = schedule_flops([0] * layers, tokens, hidden, ffn)
+        total = lambda merges: schedule_flops([m + t for m, t in zip(merges, taken)], tokens, hidden, ffn)  # noqa: E731
         measured = graph_stats(capture(handle.program(dense=True), handle.example_inputs())).flops / handle.shapes["batch"]
         fixed = max(0.0, measured - dense_blocks)
         dense = dense_blocks + fixed
         best = None
         for r in range(0, tokens):
-            merges = constant_schedule(r, tokens, layers, protected, decay)
-            got = 1.0 - (schedule_flops(merges, tokens, hidden, ffn) + fixed) / dense
+            merges = constant_schedule(r, tokens, layers, protected, decay, taken, drops)
+            got = 1.0 - (total(merges) + fixed) / dense
             if got >= target:
                 best = merges
                 break
-            if r > 0 and merges == constant_schedule(r - 1, tokens, layers, protected, decay):
+            if r > 0 and merges == constant_schedule(r - 1, tokens, layers, protected, decay, taken, drops):
                 break  # caps bind everywhere: larger r changes nothing
         if best is None:
-            most = constant_schedule(tokens, tokens, layers, protected, decay)
-            top = 1.0 - (schedule_flops(most, tokens, hidden, ffn) + fixed) / dense
+            most = constant_schedule(tokens, tokens, layers, protected, decay, taken, drops)
+            top = 1.0 - (total(most) + fixed) / dense
             raise UsageError(f"token_merge: a FLOPs reduction of {target:.0%} is out of reach; at most {top:.0%} with {tokens} tokens and {layers} layers")
         return best

@@ -6,27 +6,40 @@
     model.embed_images([pil_image])        # vision encoders
     model.run({"input_ids": ..., ...})     # raw feeds at the compiled shapes
     model.generate("The capital of France is", max_new_tokens=20)   # language models
+    load("out/minilm", providers=["cuda"])                          # GPU, with onnxruntime-gpu installed
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .artifact import FORMAT_VERSION, read_manifest
-from .errors import FeedError, RuntimeArtifactError
+from .errors import FeedError, FeedTypeError, ProviderError, RuntimeArtifactError, RuntimeUsageError
 from .lm import CausalLM
-from .model import CompiledModel
+from .model import CompiledModel, TruncationWarning, check_threads
+from .providers import resolve_providers
 
 
-def load(path: str | Path, providers=None, threads: int | None = None) -> CompiledModel:
-    """Verify the manifest and every file hash, then open an onnxruntime session (CPU unless `providers` says).
+def load(path: str | Path, providers=None, threads: int | None = None, allow_fallback: bool = False) -> CompiledModel:
+    """Verify the manifest and every file hash, then open an onnxruntime session.
 
-    Returns a CausalLM (generate, logits, perplexity) for language models, else a CompiledModel (embed...).
+    `providers`: None (CPU), or names in order of preference, short ("cuda", "tensorrt", "cpu") or onnxruntime's
+    ("CUDAExecutionProvider"); one missing from this onnxruntime is a ProviderError listing what exists, unless
+    `allow_fallback` (then CPU, with a warning). Returns a CausalLM (generate, logits, perplexity) for language
+    models, else a CompiledModel (embed, embed_images, run).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise FeedTypeError(f"load() takes an artifact folder path (str or pathlib.Path), got {type(path).__name__}")
+    if not isinstance(allow_fallback, bool):
+        raise FeedTypeError(f"allow_fallback must be True or False, got {type(allow_fallback).__name__}")
+    check_threads(threads)
+    providers = resolve_providers(providers, allow_fallback)  # before the hash check: refusals come at once
     folder = Path(path)
     manifest = read_manifest(folder, verify=True)
     cls = CausalLM if manifest.get("preprocess", {}).get("kind") == "causal_lm" else CompiledModel
-    return cls(folder, manifest, providers=providers, threads=threads)
+    return cls(folder, manifest, providers=providers, threads=threads, allow_fallback=allow_fallback)
 
 
-__all__ = ["load", "CompiledModel", "CausalLM", "RuntimeArtifactError", "FeedError", "FORMAT_VERSION", "read_manifest"]
+__all__ = ["load", "CompiledModel", "CausalLM", "RuntimeUsageError", "RuntimeArtifactError", "FeedError",
+           "FeedTypeError", "ProviderError", "TruncationWarning", "FORMAT_VERSION", "read_manifest", "resolve_providers"]

@@ -1,13 +1,27 @@
-"""Runtime errors, torch-free. Kept separate from compressor.errors so the runtime imports nothing from the compiler."""
+"""Runtime errors, torch-free. Kept separate from compressor.errors so the runtime imports nothing from the compiler.
+
+Every error the runtime raises on purpose derives from RuntimeUsageError, so callers (and the CLI) catch one class;
+each message is one line that names the fix.
+"""
 
 
-class RuntimeArtifactError(Exception):
+class RuntimeUsageError(Exception):
+    """A problem the caller can act on: a bad artifact, a bad argument, a missing execution provider."""
+
+    exit_code = 2
+
+
+class RuntimeArtifactError(RuntimeUsageError):
     """The artifact cannot be trusted or used: tampered, truncated, missing files, unknown format."""
 
-    exit_code = 2
+
+class FeedError(RuntimeUsageError, ValueError):
+    """Inputs given to the model do not match the compiled names, shapes or dtypes."""
 
 
-class FeedError(ValueError):
-    """Inputs given to `run` do not match the compiled names, shapes or dtypes."""
+class FeedTypeError(FeedError, TypeError):
+    """An argument of the wrong type (embed(123), load(42)); still a TypeError for code that catches those."""
 
-    exit_code = 2
+
+class ProviderError(RuntimeUsageError):
+    """A requested onnxruntime execution provider is not available in this installation."""

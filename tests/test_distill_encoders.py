@@ -16,6 +16,8 @@ from compressor.passes.distill import encode
 
 from .conftest import SMALL_IMAGE, SMALL_TEXT
 
+pytestmark = pytest.mark.slow  # distillation runs (training steps) on the real encoders
+
 # warm-up over half the steps: Adam's first, sign-like step at the full rate can cost more than a few steps recover
 SMALL_DISTILL = {"steps": 8, "batch": 2, "samples": 16, "eval_samples": 8, "warmup": 0.5}
 

@@ -136,6 +136,7 @@ def test_dense_program_equals_transformers(model_type, folders):
         assert ours.shape[-1] == (16 if model_type == "clip" else 64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", COMPILED)
 def test_token_merge_compiles_validates_and_runs(model_type, folders, tmp_path):
     out = build(tmp_path, model_type, str(folders[model_type]), [{"name": "token_merge", "r": 4}], shapes(model_type),

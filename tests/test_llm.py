@@ -19,6 +19,8 @@ from compressor.export.validate_lm import program_logits
 
 from .conftest import build, compress
 
+pytestmark = pytest.mark.slow  # SmolLM2-135M: SliceGPT passes, perplexity windows, ONNX exports
+
 SMALL_SLICE = {"name": "slicegpt", "sparsity": 0.25, "calibration_samples": 8, "calibration_len": 256,
                "normalize_tokens": True}
 

@@ -42,7 +42,7 @@ def test_matching_respects_kinds_on_real_keys(text_handle):
     x, kinds = handle.adapter.embed(ids, mask)
     bias = torch.where(kinds == PAD, -1e9, 0.0)
     with torch.no_grad():
-        _, metric = handle.adapter.layers[0].attention(x, bias)
+        metric = handle.adapter.layers[0].attention(x, bias).metric
     r = 20
     m = bipartite_soft_matching(metric, kinds, r)
     a_kinds, b_kinds = kinds[:, ::2], kinds[:, 1::2]

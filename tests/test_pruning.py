@@ -16,6 +16,8 @@ from compressor.runtime import load as load_artifact
 from .conftest import SMALL_IMAGE, SMALL_TEXT, build, compress
 from .test_cli import assert_one_line_error
 
+pytestmark = pytest.mark.slow  # structural passes on the real models with calibration, and exports
+
 FEW = {"calibration_samples": 8, "batch": 4}
 
 

@@ -77,7 +77,7 @@ def test_cli_pass_spec_parses_types():
 
 def test_passes_are_listed_with_options():
     rows = {row[0]: row for row in option_table(get_pass("token_merge"))}
-    assert set(rows) == {"r", "reduction", "decay", "proportional_attention"}
+    assert set(rows) == {"r", "reduction", "decay", "proportional_attention", "method"}
 
 
 @dataclass

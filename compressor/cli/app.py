@@ -1,365 +1,283 @@
-"""The `compress` command: a thin layer over the Python API.
+"""The `compress` command (typer, rich help, shell completion): a thin layer over the Python API.
 
-Exit codes: 0 success, 1 failure, 2 usage or input error, 3 validation failed (no artifact published).
+Exit codes: 0 success, 1 failure, 2 usage or input error, 3 validation failed (no artifact published), 130
+interrupted. Every error is one line on stderr, never a traceback. `main(argv)` returns the exit code, so tests and
+scripts can call it in-process.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
+from typing import Annotated, Optional
 
-from compressor.errors import EXIT_FAILURE, EXIT_OK, CompressorError, UsageError
+import typer
 
+from compressor.cli.show import (PassPrinter, consoles, print_bench, print_inspect, print_models, print_passes,
+                                 print_summary, write_json)
+from compressor.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CompressorError, UsageError
+from compressor.sources.examples import EXAMPLES
 
-def _console():
-    from rich.console import Console
+_print_summary = print_summary  # the name tests and older callers import
+KNOWN_SOURCES = "a Hugging Face folder, a .gguf file, or " + " / ".join(f"example:{name}" for name in EXAMPLES)
+EXIT_INTERRUPTED = 130
 
-    return Console(stderr=True), Console()
-
-
-def _fmt_flops(v: float) -> str:
-    return f"{v / 1e9:.2f} G"
-
-
-def _fmt_params(v: float) -> str:
-    return f"{v / 1e6:.2f} M"
+app = typer.Typer(name="compress", help="Ahead-of-time compression compiler for transformers.",
+                  pretty_exceptions_enable=False, rich_markup_mode="rich",
+                  context_settings={"help_option_names": ["-h", "--help"]})
 
 
 # ---------------------------------------------------------------- run
-def cmd_run(args) -> int:
+@app.command(short_help="compile a model with a recipe (or --model/--pass) into a verified artifact")
+def run(
+    recipe: Annotated[Optional[str], typer.Argument(help="recipe TOML file (see examples/)", show_default=False)] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="artifact folder to write")] = None,
+    model: Annotated[Optional[str], typer.Option(help=f"model source: {KNOWN_SOURCES} (overrides the recipe)")] = None,
+    passes: Annotated[Optional[list[str]], typer.Option(
+        "--pass", metavar="NAME:K=V,...",
+        help="a pass with options, e.g. token_merge:r=8 (repeatable; replaces the recipe's passes)")] = None,
+    batch: Annotated[Optional[int], typer.Option(help="compiled batch size")] = None,
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="compiled sequence length (text)")] = None,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="compiled square image size (vision)")] = None,
+    samples: Annotated[Optional[int], typer.Option(help="held-out validation samples")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the fully resolved recipe and exit")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing artifact at --output")] = False,
+    budget: Annotated[Optional[str], typer.Option(
+        metavar="KEY=VALUE", help="let the compiler pick the passes: speedup=2.0, flops=0.5, params=0.8 or latency_ms=120 "
+                                  "(measured ones on this machine; exit 3 if missed by more than 5%)")] = None,
+) -> None:
+    """Compile a model into a validated ONNX artifact. Exit 3 if validation fails (nothing is published)."""
     from compressor.pipeline.recipe import Recipe, load_recipe, parse_pass_spec
 
-    if args.recipe:
-        recipe = load_recipe(args.recipe)
-        if args.model:
-            recipe.source = args.model
-        if args.passes:
-            recipe.passes = [parse_pass_spec(s) for s in args.passes]
-    elif args.model:
-        recipe = Recipe(args.model, [parse_pass_spec(s) for s in (args.passes or [])])
+    if recipe:
+        parsed = load_recipe(recipe)
+        if model:
+            parsed.source = model
+        if passes:
+            parsed.passes = [parse_pass_spec(s) for s in passes]
+    elif model:
+        parsed = Recipe(model, [parse_pass_spec(s) for s in (passes or [])])
     else:
         raise UsageError("give a recipe file or --model PATH (with --pass NAME:key=value ...)")
-    for key in ("batch", "seq_len", "image_size"):
-        value = getattr(args, key)
+    for key, value in (("batch", batch), ("seq_len", seq_len), ("image_size", image_size)):
         if value is not None:
-            recipe.export[key] = value
-    if args.samples is not None:
-        recipe.validation["samples"] = args.samples
-    err, out = _console()
-    if args.dry_run:
+            parsed.export[key] = value
+    if samples is not None:
+        parsed.validation["samples"] = samples
+    parsed_budget = None
+    if budget is not None:
+        from compressor.pipeline.budget import parse_budget
+
+        parsed_budget = parse_budget(budget)
+        if parsed.passes:
+            raise UsageError("--budget picks the passes itself; give either --budget or passes (--pass or a recipe's [[passes]]), not both")
+    err, out = consoles()
+    if dry_run:
         from compressor.pipeline.recipe import resolve_recipe
 
-        out.print(resolve_recipe(recipe).to_toml(), markup=False, highlight=False)
-        return EXIT_OK
-    if not args.output:
+        out.print(resolve_recipe(parsed).to_toml(), markup=False, highlight=False)
+        return
+    if not output:
         raise UsageError("--output DIR is required (where the artifact is written)")
+    check_output_free(Path(output), force)  # now, not after minutes of passes
     from compressor.pipeline.build import run_recipe
 
     with err.status("loading model...") as status:
-        manifest = run_recipe(recipe, args.output, force=args.force, instruments=[_PassPrinter(err)],
-                              progress=lambda msg: status.update(f"{msg}..."))
-    _print_summary(out, manifest, args.output)
-    return EXIT_OK
+        if parsed_budget is not None:
+            from compressor.pipeline.budget import run_budget
+
+            manifest = run_budget(parsed, parsed_budget, output, force=force, progress=lambda msg: status.update(f"{msg}..."))
+        else:
+            manifest = run_recipe(parsed, output, force=force, instruments=[PassPrinter(err)],
+                                  progress=lambda msg: status.update(f"{msg}..."))
+    print_summary(out, manifest, output)
+    if "budget" in manifest:
+        b = manifest["budget"]
+        out.print(f"budget: requested {b['requested']}, measured " + ", ".join(f"{k} {v:.3g}" for k, v in b["measured"].items()),
+                  markup=False, highlight=False)
 
 
-class _PassPrinter:
-    def __init__(self, console):
-        self.console = console
+def check_output_free(output: Path, force: bool) -> None:
+    """The checks publishing makes at the end, made before any model is loaded: the folder is free (or --force
+    replaces an artifact), and the nearest existing parent is a folder we can write into."""
+    from compressor.export.compile import check_output
 
-    def before_pass(self, p, index, total):
-        self.console.print(f"pass {index + 1}/{total}: {p!r}")
-
-    def after_pass(self, p, record):
-        info = record["info"]
-        if "token_counts" in info:
-            self.console.print(f"  schedule (tokens merged per layer): {info['schedule']}")
-            self.console.print(f"  tokens per layer: {info['token_counts']}")
-        if "boundary_widths" in info:
-            self.console.print(f"  residual widths per boundary ({info['width_schedule']}): {info['boundary_widths']}")
-        ratio = record["flops_before"] / max(record["flops_after"], 1)
-        self.console.print(f"  {record['seconds'] * 1000:.1f} ms, FLOPs {_fmt_flops(record['flops_before'])} -> "
-                         f"{_fmt_flops(record['flops_after'])} ({ratio:.2f}x), probe cosine {record['probe']['cosine_to_previous_mean']:.4f}")
+    check_output(output, force)
+    parent = output.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write the artifact under '{parent}' (not a writable folder); choose another --output")
 
 
-def _print_summary(out, manifest: dict, output) -> None:
-    from rich.table import Table
-
-    v = manifest["validation"]
-    t = Table(title=f"artifact {output}")
-    t.add_column("metric")
-    t.add_column("dense", justify="right")
-    t.add_column("compressed", justify="right")
-    t.add_row("FLOPs", _fmt_flops(manifest["flops"]["dense"]), _fmt_flops(manifest["flops"]["compressed"]))
-    t.add_row("params", _fmt_params(manifest["params"]["dense"]), _fmt_params(manifest["params"]["compressed"]))
-    if "perplexity_onnx" in v:
-        t.add_row(f"perplexity ({v['windows']} held-out windows)", f"{v['perplexity_dense_torch']:.3f}", f"{v['perplexity_onnx']:.3f}")
-        out.print(t)
-        out.print(f"FLOPs ratio {manifest['flops']['ratio']:.2f}x; ONNX vs PyTorch perplexity gap {v['onnx_gap']:.1e}; "
-                  f"greedy agreement {v['greedy_agreement']:.2f}")
-        return
-    counts = manifest["token_plan"]["token_counts"]
-    t.add_row("tokens in -> out", f"{counts[0]} -> {counts[0]}", f"{counts[0]} -> {counts[-1]}")
-    out.print(t)
-    out.print(f"FLOPs ratio {manifest['flops']['ratio']:.2f}x; validation on {v['samples']} held-out samples: "
-              f"cosine to dense mean {v['cosine_to_dense_mean']:.4f}, p5 {v['cosine_to_dense_p5']:.4f}; "
-              f"ONNX/PyTorch agreement {v['onnx_vs_torch_agreement']:.3f}")
+# ---------------------------------------------------------------- passes, models
+@app.command()
+def passes() -> None:
+    """list registered passes with their options and defaults"""
+    print_passes(consoles()[1])
 
 
-# ---------------------------------------------------------------- passes
-def cmd_passes(args) -> int:
-    from rich.table import Table
-
-    import compressor.passes  # noqa: F401
-
-    from compressor.pipeline.pass_base import REGISTRY, option_table
-
-    _, out = _console()
-    for name, cls in sorted(REGISTRY.items()):
-        t = Table(title=f"{name}: {cls.summary}", title_justify="left")
-        for col in ("option", "type", "default", "meaning"):
-            t.add_column(col)
-        for row in option_table(cls):
-            t.add_row(*row)
-        out.print(t)
-        out.print(f"  requires: {sorted(cls.requires)}  ensures: {sorted(cls.ensures)}")
-    return EXIT_OK
-
-
-# ---------------------------------------------------------------- models
-# example checkpoints of families whose adapters name none (`examples` on an adapter class wins)
-EXAMPLE_CHECKPOINTS = {"dinov2": ("example:dinov2-small", "facebook/dinov2-small"),
-                       "llama": ("example:smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct")}
-
-
-def model_families() -> list[dict]:
-    """One row per supported family: its model types, modality, the passes that apply and example checkpoints."""
-    import compressor.passes  # noqa: F401  (registers the bundled passes)
-    from compressor.models import ADAPTERS
-
-    rows: dict[str, dict] = {}
-    for cls in ADAPTERS:
-        row = rows.setdefault(cls.family, {"family": cls.family, "model_types": [], "modality": cls.modality,
-                                           "passes": _applicable_passes(cls), "examples": []})
-        row["model_types"] += [t for t in cls.model_types if t not in row["model_types"]]
-        for e in getattr(cls, "examples", None) or EXAMPLE_CHECKPOINTS.get(cls.family, ()):
-            if e not in row["examples"]:
-                row["examples"].append(e)
-    return list(rows.values())
-
-
-def _applicable_passes(adapter_cls) -> list[str]:
-    """Passes whose `requires` the family's capabilities meet (as a handle computes them, plus what applicable passes
-    ensure), less those whose own check refuses the family on a stand-in that has the class's attributes only."""
-    from compressor.program.handle import ModelHandle
-    from compressor.pipeline.pass_base import REGISTRY
-
-    handle = ModelHandle(adapter_cls.__new__(adapter_cls), source=None, shapes={})
-    caps, applies = set(handle.capabilities), []
-    grew = True
-    while grew:
-        grew = False
-        for name, cls in sorted(REGISTRY.items()):
-            if name in applies or not cls.requires <= caps or _refuses(cls, handle):
-                continue
-            applies.append(name)
-            caps |= cls.ensures
-            grew = True
-    return sorted(applies)
-
-
-def _refuses(pass_cls, handle) -> bool:
-    stand_in = pass_cls.__new__(pass_cls)
-    stand_in.config = None  # options are not the question here: some passes have no valid default
-    try:
-        stand_in.check(handle)
-    except UsageError:
-        return True
-    except Exception:  # the check needs a loaded model: `requires` decides
-        return False
-    return False
-
-
-def cmd_models(args) -> int:
-    from rich.table import Table
+@app.command()
+def models(as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False) -> None:
+    """list supported model families: model types, modality, passes that apply, example checkpoints"""
+    from compressor.cli.families import model_families
 
     rows = model_families()
-    _, out = _console()
-    if args.json:
+    out = consoles()[1]
+    if as_json:
         out.print_json(json.dumps(rows))
-        return EXIT_OK
-    t = Table(title="supported model families (config.json model_type)", title_justify="left")
-    for col in ("family", "model types", "modality", "passes", "example checkpoints"):
-        t.add_column(col, overflow="fold")  # never cut a name short in a narrow terminal
-    for r in rows:
-        t.add_row(r["family"], ", ".join(r["model_types"]), r["modality"], ", ".join(r["passes"]), "\n".join(r["examples"]))
-    out.print(t)
-    return EXIT_OK
+    else:
+        print_models(out, rows)
 
 
 # ---------------------------------------------------------------- inspect
-def cmd_inspect(args) -> int:
-    from rich.table import Table
-
+@app.command()
+def inspect(
+    path: Annotated[str, typer.Argument(help=f"artifact folder, or a model: {KNOWN_SOURCES}", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """show a model folder, example or artifact: architecture, params, FLOPs, tokens per layer"""
     from compressor.cli.inspect_model import inspect_path
 
-    err, out = _console()
+    err, out = consoles()
     with err.status("inspecting..."):
-        info = inspect_path(args.path)
-    if args.json:
+        info = inspect_path(path)
+    if as_json:
         out.print_json(json.dumps(info))
-        return EXIT_OK
-    t = Table(title=f"{info['kind']}: {args.path}", show_header=False)
-    m = info["model"]
-    t.add_row("family", f"{m['family']} ({m['modality']})")
-    t.add_row("architecture", f"{m['layers']} layers, width {m['hidden_size']}, {m['heads']} heads")
-    shown = info["inputs"][:2] if len(info["inputs"]) > 4 else info["inputs"]
-    more = f", and {len(info['inputs']) - 2} past key/value inputs" if len(info["inputs"]) > 4 else ""
-    t.add_row("inputs", ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in shown) + more)
-    if info["kind"] == "artifact":
-        t.add_row("source", info["source"])
-        t.add_row("passes", "; ".join(f"{p['name']} {p['options']}" for p in info["passes"]) or "none")
-        t.add_row("FLOPs", f"{_fmt_flops(info['flops']['dense'])} dense -> {_fmt_flops(info['flops']['compressed'])} ({info['flops']['ratio']:.2f}x)")
-        t.add_row("params", f"{_fmt_params(info['params']['dense'])} -> {_fmt_params(info['params']['compressed'])}")
-        val = info["validation"]
-        if "perplexity_onnx" in val:
-            t.add_row("validation", f"passed={val['passed']} perplexity {val['perplexity_dense_torch']:.3f} dense -> "
-                      f"{val['perplexity_onnx']:.3f} ONNX, gap to PyTorch {val['onnx_gap']:.1e}, greedy agreement {val['greedy_agreement']:.2f}")
-        else:
-            t.add_row("validation", f"passed={val['passed']} cosine mean {val['cosine_to_dense_mean']:.4f} p5 "
-                      f"{val['cosine_to_dense_p5']:.4f} agreement {val['onnx_vs_torch_agreement']:.3f}")
     else:
-        t.add_row("params", _fmt_params(info["params"]))
-        t.add_row("FLOPs", f"{_fmt_flops(info['flops'])} at {info['shapes']}")
-    if m["modality"] != "causal_lm":
-        t.add_row("tokens per layer", " -> ".join(str(c) for c in info["token_counts"]))
-    out.print(t)
-    return EXIT_OK
+        print_inspect(out, info, path)
 
 
-# ---------------------------------------------------------------- bench
-def cmd_bench(args) -> int:
-    from rich.table import Table
-
+# ---------------------------------------------------------------- bench, eval
+@app.command()
+def bench(
+    artifact: Annotated[str, typer.Argument(help="artifact folder", show_default=False)],
+    json_file: Annotated[Optional[str], typer.Option("--json", metavar="FILE", help="also write the results as JSON")] = None,
+    repeats: Annotated[int, typer.Option(help="timed runs per model")] = 20,
+    warmup: Annotated[int, typer.Option(help="untimed runs per model first")] = 3,
+    threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads")] = 2,
+    provider: Annotated[Optional[list[str]], typer.Option(
+        "--provider", metavar="NAME",
+        help="onnxruntime execution provider: cpu, cuda, tensorrt or a full name like CUDAExecutionProvider "
+             "(repeatable or a comma list, in order of preference; default cpu)")] = None,
+    allow_cpu_fallback: Annotated[bool, typer.Option(
+        "--allow-cpu-fallback", help="run on CPU (with a warning) when a --provider is not available")] = False,
+    samples: Annotated[Optional[int], typer.Option(help="samples per length distribution for the baselines (default: a few batches)")] = None,
+    no_baselines: Annotated[bool, typer.Option("--no-baselines", help="only the dense export at the same static shapes")] = False,
+) -> None:
+    """time an artifact against dense baselines a user could run instead (same static shapes; dynamic shapes batched
+    by length; onnxruntime-fused; fused INT8) on short, paragraph and long real text, interleaved in one run"""
     from compressor.export.bench import bench_artifact
 
-    err, out = _console()
+    err, out = consoles()
+    providers = checked_providers(provider, allow_cpu_fallback, err)
     with err.status("benchmarking...") as status:
-        result = bench_artifact(args.artifact, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
+        result = bench_artifact(artifact, repeats=repeats, warmup=warmup, threads=threads, providers=providers,
+                                allow_fallback=allow_cpu_fallback, baselines=not no_baselines, samples=samples,
                                 progress=lambda msg: status.update(f"{msg}..."))
-    if "decode_speedup" in result:
-        t = Table(title=f"{args.artifact}: onnxruntime CPU, {result['threads']} threads")
-        for col in ("model", f"prefill {result['prefill_tokens']} (ms)", f"decode {result['decode_tokens']} (ms)", "params (M)"):
-            t.add_column(col, justify="right")
-        t.add_row("dense", f"{result['dense_ms']:.1f}", f"{result['decode_dense_ms']:.1f}", f"{result['params_dense'] / 1e6:.1f}")
-        t.add_row("compressed", f"{result['compressed_ms']:.1f}", f"{result['decode_compressed_ms']:.1f}", f"{result['params_compressed'] / 1e6:.1f}")
-        t.add_row("speed-up", f"{result['speedup']:.2f}x", f"{result['decode_speedup']:.2f}x", "")
-    else:
-        t = Table(title=f"{args.artifact}: onnxruntime CPU, {result['threads']} threads, median of {result['repeats']}")
-        for col in ("model", "latency (ms)", "GFLOPs", "speed-up", "FLOPs ratio", "efficiency"):
-            t.add_column(col, justify="right")
-        t.add_row("dense", f"{result['dense_ms']:.2f}", f"{result['dense_flops'] / 1e9:.2f}", "1.00", "1.00", "")
-        t.add_row("compressed", f"{result['compressed_ms']:.2f}", f"{result['compressed_flops'] / 1e9:.2f}",
-                  f"{result['speedup']:.2f}", f"{result['flops_ratio']:.2f}", f"{result['efficiency']:.2f}")
-    out.print(t)
-    _write_json(out, args.json, result)
-    return EXIT_OK
+    print_bench(out, result, artifact)
+    write_json(out, json_file, result)
 
 
-def _write_json(out, path: str | None, result: dict) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=2))
-        out.print(f"wrote {path}")
+def checked_providers(names: list[str] | None, allow_fallback: bool, err) -> list[str] | None:
+    """The --provider names resolved against this onnxruntime now (one-line refusal before any timing); a fallback
+    to CPU is printed as one warning line."""
+    from compressor.runtime.providers import resolve_providers
+
+    requested = [n for entry in (names or []) for n in entry.split(",") if n.strip()] or None
+    if requested is None:
+        return None  # bench's default: CPU
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chosen = resolve_providers(requested, allow_fallback)
+    for w in caught:
+        err.print(f"warning: {w.message}", markup=False, highlight=False)
+    return chosen
 
 
-# ---------------------------------------------------------------- eval
-def cmd_eval(args) -> int:
+@app.command(name="eval")
+def eval_(
+    artifact: Annotated[str, typer.Argument(help="artifact folder of a language model", show_default=False)],
+    perplexity: Annotated[str, typer.Option(metavar="TEXTFILE", help="UTF-8 text, tokenized without special tokens",
+                                            show_default=False)],
+    windows: Annotated[Optional[int], typer.Option(help="at most this many non-overlapping windows (default: all)")] = None,
+    window_len: Annotated[int, typer.Option("--window-len", help="tokens per window")] = 512,
+    threads: Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads")] = None,
+    json_file: Annotated[Optional[str], typer.Option("--json", metavar="FILE", help="also write the results as JSON")] = None,
+) -> None:
+    """language models: perplexity of dense and compressed on a text file"""
     from compressor.export.bench import eval_perplexity
 
-    err, out = _console()
+    err, out = consoles()
     with err.status("evaluating...") as status:
-        result = eval_perplexity(args.artifact, args.perplexity, args.windows, args.window_len, args.threads,
+        result = eval_perplexity(artifact, perplexity, windows, window_len, threads,
                                  progress=lambda msg: status.update(f"{msg}..."))
-    out.print(f"perplexity over {result['windows']} windows of {result['window_len']} tokens of {args.perplexity}: "
+    out.print(f"perplexity over {result['windows']} windows of {result['window_len']} tokens of {perplexity}: "
               f"dense {result['perplexity_dense']:.3f}, compressed {result['perplexity_compressed']:.3f} "
               f"({result['ratio']:.2f}x)")
-    _write_json(out, args.json, result)
-    return EXIT_OK
+    write_json(out, json_file, result)
+
+
+@app.command()
+def report(
+    artifacts: Annotated[Optional[list[str]], typer.Argument(help="artifact folders (speed-ups from ART/bench.json)", show_default=False)] = None,
+    output: Annotated[str, typer.Option("--output", "-o", metavar="FILE.html", help="the HTML page to write (PNGs beside it)")] = "report.html",
+    sweep: Annotated[Optional[list[str]], typer.Option(
+        "--sweep", metavar="BENCH.json", help="a benchmark JSON with `rows` to plot too (repeatable)")] = None,
+) -> None:
+    """one self-contained HTML page: quality against measured speed, per-layer tokens and widths, table, recipes"""
+    from compressor.export.report import write_report
+
+    err, out = consoles()
+    with err.status("drawing..."):
+        summary = write_report(artifacts or [], output, sweep or [])
+    out.print(f"wrote {summary['output']} ({len(summary['rows'])} rows, {len(summary['images'])} pictures)", markup=False, highlight=False)
 
 
 # ---------------------------------------------------------------- main
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="compress", description="Ahead-of-time compression compiler for transformers.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
-    run = sub.add_parser("run", help="compile a model with a recipe (or --model/--pass) into a verified artifact",
-                         description="Compile a model into a validated ONNX artifact. Exit 3 if validation fails (nothing is published).")
-    run.add_argument("recipe", nargs="?", help="recipe TOML file (see examples/)")
-    run.add_argument("--output", "-o", help="artifact folder to write")
-    run.add_argument("--model", help="model source: a Hugging Face folder or example:minilm / example:dinov2-small (overrides the recipe)")
-    run.add_argument("--pass", dest="passes", action="append", metavar="NAME:K=V,...", help="a pass with options, e.g. token_merge:r=8 (repeatable; replaces the recipe's passes)")
-    run.add_argument("--batch", type=int, help="compiled batch size")
-    run.add_argument("--seq-len", dest="seq_len", type=int, help="compiled sequence length (text)")
-    run.add_argument("--image-size", dest="image_size", type=int, help="compiled square image size (vision)")
-    run.add_argument("--samples", type=int, help="held-out validation samples")
-    run.add_argument("--dry-run", action="store_true", help="print the fully resolved recipe and exit")
-    run.add_argument("--force", action="store_true", help="replace an existing artifact at --output")
-    run.set_defaults(func=cmd_run)
-
-    ps = sub.add_parser("passes", help="list registered passes with their options and defaults")
-    ps.set_defaults(func=cmd_passes)
-
-    md = sub.add_parser("models", help="list supported model families: model types, modality, passes that apply, example checkpoints")
-    md.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    md.set_defaults(func=cmd_models)
-
-    ins = sub.add_parser("inspect", help="show a model folder, example or artifact: architecture, params, FLOPs, tokens per layer")
-    ins.add_argument("path", help="model folder, example:NAME, or artifact folder")
-    ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    ins.set_defaults(func=cmd_inspect)
-
-    b = sub.add_parser("bench", help="time an artifact against the dense export of its source (same shapes, one run)")
-    b.add_argument("artifact", help="artifact folder")
-    b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    b.add_argument("--repeats", type=int, default=20, help="timed runs per model (default 20)")
-    b.add_argument("--warmup", type=int, default=3, help="untimed runs per model first (default 3)")
-    b.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
-    b.set_defaults(func=cmd_bench)
-
-    e = sub.add_parser("eval", help="language models: perplexity of dense and compressed on a text file")
-    e.add_argument("artifact", help="artifact folder of a language model")
-    e.add_argument("--perplexity", required=True, metavar="TEXTFILE", help="UTF-8 text, tokenized without special tokens")
-    e.add_argument("--windows", type=int, help="at most this many non-overlapping windows (default: all)")
-    e.add_argument("--window-len", dest="window_len", type=int, default=512, help="tokens per window (default 512)")
-    e.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
-    e.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    e.set_defaults(func=cmd_eval)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Run `compress` with these arguments (sys.argv when None) and return its exit code; errors are one line."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from compressor.runtime.errors import FeedError, RuntimeArtifactError
+    from compressor.runtime.errors import RuntimeUsageError
 
+    command = typer.main.get_command(app)
     try:
-        return args.func(args)
-    except (CompressorError, RuntimeArtifactError, FeedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", EXIT_FAILURE)
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was published", file=sys.stderr)
-        return 130
+        code = command.main(args=argv, prog_name="compress", standalone_mode=False)
+    except (CompressorError, RuntimeUsageError) as e:
+        return _error(str(e), getattr(e, "exit_code", EXIT_FAILURE))
+    except typer.Abort:
+        return _error("aborted; nothing was published", EXIT_FAILURE)
     except OSError as e:  # disk full, permissions: the user's environment, not a bug
-        print(f"error: {e.strerror or e} ({e.filename or ''})", file=sys.stderr)
-        return EXIT_FAILURE
+        return _error(f"{e.strerror or e} ({e.filename or ''})", EXIT_FAILURE)
+    except Exception as e:
+        if not _is_parse_error(e):
+            raise
+        return _error(f"{' '.join(e.format_message().split())} (see compress {_command_of(argv)}--help)", e.exit_code)
+    if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into this exit code
+        return _error("interrupted; nothing was published", EXIT_INTERRUPTED)
+    return code if isinstance(code, int) else EXIT_OK
+
+
+def _is_parse_error(e: Exception) -> bool:
+    """An unknown option, a missing argument, a value that is not an int: typer raises its (vendored) click's
+    exceptions, which are not public, so they are recognised by what they offer."""
+    return callable(getattr(e, "format_message", None)) and isinstance(getattr(e, "exit_code", None), int)
+
+
+def _command_of(argv: list[str] | None) -> str:
+    args = sys.argv[1:] if argv is None else argv
+    names = typer.main.get_command(app).commands if args else {}
+    return next((f"{a} " for a in args if a in names), "")
+
+
+def _error(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
-"""`compress bench`: an artifact against the dense export of the same source model, same shapes, same run.
+"""`compress bench`: an artifact against the dense model, same run.
 
-Runs are interleaved (dense, compressed, compressed, dense, ...) on the same real held-out batch, and the medians
-are compared, so machine noise hits both sides alike.
+Top-level fields: the dense export at the artifact's own static shapes, on one held-out batch (runs interleaved:
+dense, compressed, compressed, dense, ...; medians compared, so machine noise hits both sides alike). `distributions`
+(unless baselines=False): against what a user would run instead (dense with dynamic shapes batched by length, and
+fused by onnxruntime's optimizer, FP32 and INT8) on short, paragraph and long real texts: see baseline_bench.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -77,28 +80,35 @@ def time_interleaved(sessions: dict, feeds: dict, repeats: int, warmup: int) -> 
     return times
 
 
-def bench_artifact(path: str | Path, repeats: int = 20, warmup: int = 3, threads: int = 2, progress=None) -> dict:
+def bench_artifact(path: str | Path, repeats: int = 20, warmup: int = 3, threads: int = 2, progress=None,
+                   providers=None, allow_fallback: bool = False, baselines: bool = True, samples: int | None = None) -> dict:
+    """The artifact against the dense export at the same static shapes (top-level fields, one held-out batch) and,
+    with `baselines`, against what a user would run instead, per length distribution (see baseline_table)."""
     if repeats < 1 or warmup < 0 or threads < 1:
         raise UsageError("bench needs repeats >= 1, warmup >= 0 and threads >= 1")
+    if samples is not None and samples < 1:
+        raise UsageError("bench needs samples >= 1")
     step = progress or (lambda msg: None)
     path = Path(path)
     manifest = read_manifest(path, verify=True)
+    open_session = lambda p: make_session(p, providers, threads, allow_fallback)  # noqa: E731
     step("exporting the dense baseline (cached after the first time)")
     dense_path = dense_export(manifest)
     if manifest["preprocess"]["kind"] == "causal_lm":
-        return bench_decoder(path, manifest, dense_path, repeats, warmup, threads, step)
+        return bench_decoder(path, manifest, dense_path, repeats, warmup, threads, step, providers, allow_fallback)
     feeds = held_out_batch(path, manifest)
-    sessions = {"dense": make_session(dense_path, threads=threads), "compressed": make_session(path / manifest["model_file"], threads=threads)}
+    sessions = {"dense": open_session(dense_path), "compressed": open_session(path / manifest["model_file"])}
     step(f"timing {repeats} interleaved runs per model")
     times = time_interleaved(sessions, feeds, repeats, warmup)
     dense_ms, comp_ms = statistics.median(times["dense"]), statistics.median(times["compressed"])
     speedup = dense_ms / comp_ms
     flops_ratio = manifest["flops"]["ratio"]
-    return {
+    result = {
         "artifact": str(path),
         "source": manifest["source"]["spec"],
         "shapes": manifest["shapes"],
         "threads": threads,
+        "providers": sessions["compressed"].get_providers(),
         "repeats": repeats,
         "dense_ms": dense_ms,
         "compressed_ms": comp_ms,
@@ -110,10 +120,19 @@ def bench_artifact(path: str | Path, repeats: int = 20, warmup: int = 3, threads
         "dense_flops": manifest["flops"]["dense"],
         "compressed_flops": manifest["flops"]["compressed"],
         "token_counts": manifest["token_plan"]["token_counts"],
+        "graph": manifest.get("export", {}).get("steps", []),
     }
+    if baselines:
+        from compressor.export.baseline_bench import baseline_table
+
+        result["distributions"] = baseline_table(path, manifest, open_session, repeats, warmup,
+                                                 samples or 2 * manifest["shapes"]["batch"], step)
+        result["load_average"] = list(os.getloadavg())
+    return result
 
 
 def bench_decoder(path: Path, manifest: dict, dense_path: Path, repeats: int, warmup: int, threads: int, step,
+                  providers=None, allow_fallback: bool = False,
                   prefill_len: int = 512, decode_tokens: int = 64, context: int = 128) -> dict:
     """Prefill of 1 x prefill_len tokens, and decode_tokens greedy steps after a context, dense vs compressed."""
     from compressor.runtime.lm import CausalLM
@@ -121,8 +140,8 @@ def bench_decoder(path: Path, manifest: dict, dense_path: Path, repeats: int, wa
     from compressor.sources.lm_data import held_out_windows
 
     dense_manifest = dict(manifest, model_file=dense_path.name, **_dense_decoder_layout(dense_path, manifest))
-    models = {"dense": CausalLM(dense_path.parent, dense_manifest, threads=threads),
-              "compressed": CausalLM(path, manifest, threads=threads)}
+    on = dict(threads=threads, providers=providers, allow_fallback=allow_fallback)
+    models = {"dense": CausalLM(dense_path.parent, dense_manifest, **on), "compressed": CausalLM(path, manifest, **on)}
     tokenizer = path / manifest["preprocess"]["tokenizer"]
     window = held_out_windows(tokenizer, prefill_len, 1)[0]
     prefill = {n: _Call(lambda m=m: m.logits(window)) for n, m in models.items()}
@@ -143,6 +162,7 @@ def bench_decoder(path: Path, manifest: dict, dense_path: Path, repeats: int, wa
         "flops_ratio": manifest["flops"]["ratio"], "efficiency": (pd / pc) / manifest["flops"]["ratio"],
         "dense_flops": manifest["flops"]["dense"], "compressed_flops": manifest["flops"]["compressed"],
         "params_dense": manifest["params"]["dense"], "params_compressed": manifest["params"]["compressed"],
+        "baselines_note": "decoders: dense at the same dynamic shapes only (no fused decoder baseline yet)",
     }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,9 +20,11 @@ from compressor.program.capture import capture, graph_stats
 from compressor.errors import UsageError, ValidationFailed
 from compressor.export.onnx import OPSET, OUTPUT_NAME, lower_to_onnx
 from compressor.program.handle import load as load_handle
+from compressor.export.optimize import export_options, optimize_graph
 from compressor.export.validate import validate, validation_config
 
 MODEL_FILE = "model.onnx"
+LOWERED_FILE = "model.fp32.onnx"  # scratch: the graph before quantization, for the agreement check; not shipped
 HF_FOLDER = "hf"  # the compressed model as a stock transformers folder, where it is one
 SENTENCE_TRANSFORMERS_FILES = ["modules.json", "sentence_bert_config.json", "1_Pooling/config.json"]  # keep its pooling
 
@@ -56,13 +59,17 @@ def export_onnx(handle, folder: Path, dense: bool = False):
 
 
 def compile_artifact(handle, output: str | Path, validation=None, *, force: bool = False,
-                     data: dict | None = None, recipe: dict | None = None, progress=None) -> dict:
+                     data: dict | None = None, recipe: dict | None = None, progress=None, options=None) -> dict:
     """Export, validate and publish the artifact for `handle`; returns the manifest. Raises ValidationFailed (exit 3).
 
-    `validation` is a ValidationConfig / LMValidationConfig or a recipe's raw [validation] table.
+    `validation` is a ValidationConfig / LMValidationConfig or a recipe's raw [validation] table; `options` the
+    deployment rewrites (ExportOptions or a raw [export] table; default: the recipe's [export] keys fuse/quantize).
     """
     output = Path(output)
     cfg = validation_config(handle.adapter.modality, validation)
+    options = export_options(options if options is not None else (recipe or {}).get("export"))
+    if options.active and handle.adapter.modality == "causal_lm":
+        raise UsageError("[export] fuse/quantize apply to encoders; language-model artifacts are exported as lowered")
     data = data or {}
     check_output(output, force)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -80,11 +87,16 @@ def compile_artifact(handle, output: str | Path, validation=None, *, force: bool
             stats = export_onnx(handle, tmp)
             if stats.params != dense.params and handle.adapter.transformers_loadable:  # structure changed, reloadably
                 write_transformers_folder(handle, tmp, step)
+            deployed, lowered = _optimize(handle, tmp, options, step)
             step("validating on held-out inputs")
             source = data.get("texts") if handle.adapter.modality == "text" else data.get("images")
             original = load_handle(handle.source.reload_spec, **handle.shapes).program(dense=True)
-            result = validate(handle, make_session(tmp / MODEL_FILE), cfg, source, original)
+            result = validate(handle, make_session(tmp / MODEL_FILE), cfg, source, original, lowered)
+            if lowered is not None:
+                (tmp / LOWERED_FILE).unlink()
         manifest = build_manifest(handle, dense, stats, result, recipe)
+        if handle.adapter.modality != "causal_lm":
+            manifest["export"] = deployed
         manifest["files"] = hash_folder(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if not result["passed"]:
@@ -93,6 +105,21 @@ def compile_artifact(handle, output: str | Path, validation=None, *, force: bool
         return manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _optimize(handle, tmp: Path, options, step):
+    """Fusions and quantization rewrite model.onnx in place before validation (so what ships is what is validated).
+    Returns the manifest's export record and, when quantized, an FP32 session of the graph before quantization (for
+    the ONNX vs PyTorch agreement check, which INT8 rounding would otherwise fail)."""
+    if not options.active:
+        return {"options": options.to_json(), "steps": [], "validated_graph": "as lowered"}, None
+    quantized = options.quantize != "none"
+    step("optimizing the graph: " + ", ".join(k for k, on in (("fusions", options.fuse), (options.quantize, quantized)) if on))
+    # agreement is checked on the (fused) FP32 graph that quantization started from
+    record = optimize_graph(tmp / MODEL_FILE, options, handle.adapter, tmp / LOWERED_FILE if quantized else None)
+    lowered = make_session(tmp / LOWERED_FILE) if quantized else None
+    record["validated_graph"] = "after " + " + ".join(record["steps"]) if record["steps"] else "as lowered"
+    return record, lowered
 
 
 def _compile_decoder(handle, tmp: Path, cfg, step):
@@ -127,6 +154,7 @@ def write_transformers_folder(handle, tmp: Path, step) -> None:
 
 def publish(tmp: Path, output: Path) -> None:
     """Rename the finished folder into place; an existing artifact is moved aside first and removed after."""
+    published_modes(tmp)
     old = None
     if output.exists():
         old = output.with_name(f".{output.name}.old-{_dt.datetime.now().strftime('%H%M%S%f')}")
@@ -134,6 +162,16 @@ def publish(tmp: Path, output: Path) -> None:
     tmp.rename(output)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def published_modes(folder: Path) -> None:
+    """mkdtemp makes the folder 0700 and copies keep their source's modes: give every folder and file the modes a
+    plain mkdir / open would (0755 and 0644 under the usual umask), so the artifact can be shared once published."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def build_manifest(handle, dense, stats, validation_result: dict, recipe: dict | None) -> dict:
@@ -165,6 +203,7 @@ def build_manifest(handle, dense, stats, validation_result: dict, recipe: dict |
         "token_plan": {
             "merges": handle.plan.merges or [0] * handle.num_layers,
             "proportional_attention": handle.plan.proportional_attention,
+            **handle.plan.describe(),
             "token_counts": handle.plan.token_counts(handle.num_tokens, handle.num_layers),
         },
         "flops": {"dense": dense.flops, "compressed": stats.flops, "ratio": dense.flops / max(stats.flops, 1)},

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from compressor.export.compile import compile_artifact
+from pathlib import Path
+
+from compressor.export.compile import check_output, compile_artifact
 from compressor.program.handle import load
 from compressor.pipeline.pass_manager import Pipeline
 from compressor.pipeline.recipe import Recipe, resolve_recipe
 
 
 def run_recipe(recipe: Recipe, output, *, force: bool = False, instruments=None, progress=None) -> dict:
+    check_output(Path(output), force)  # before minutes of passes, not after
     resolve_recipe(recipe)  # the manifest records every default that was filled in
     handle = load(recipe.source, **recipe.export)
     Pipeline(recipe.passes, instruments).run(handle)

@@ -47,7 +47,7 @@ class Pipeline:
         example = handle.example_inputs()
         stats = graph_stats(capture(handle.program(), example))
         if handle.baseline is None and not handle.history:
-            dense_now = not any(handle.plan.merges)  # then program() is the dense program: no second capture
+            dense_now = not handle.plan.active  # then program() is the dense program: no second capture
             handle.baseline = stats if dense_now else graph_stats(capture(handle.program(dense=True), example))
         previous = probe(handle)
         for i, p in enumerate(self.passes):

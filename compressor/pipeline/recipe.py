@@ -8,6 +8,7 @@
     [export]
     batch = 16
     seq_len = 128
+    quantize = "int8-dynamic"    # deployment rewrites (optional): fuse = true, quantize, per_channel
     [validation]
     min_cosine_mean = 0.95
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from compressor.errors import UsageError
 from compressor.pipeline.pass_base import Pass, make_pass
+from compressor.export.optimize import OPTIONS_KEYS, export_options
 from compressor.export.validate import VALIDATION_KEYS
 
 SECTIONS = {"model", "passes", "export", "validation", "data"}
@@ -31,14 +33,15 @@ DATA_KEYS = {"texts", "images"}
 class Recipe:
     source: str
     passes: list[Pass] = field(default_factory=list)
-    export: dict = field(default_factory=dict)
+    export: dict = field(default_factory=dict)  # compile shapes only: they go to the handle
+    deploy: dict = field(default_factory=dict)  # [export] fuse / quantize / per_channel: applied to the lowered graph
     validation: dict = field(default_factory=dict)  # raw; typed per modality by validation_config()
     data: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         out: dict = {"model": {"source": self.source}}
         out["passes"] = [{"name": p.name, **{k: v for k, v in p.options().items() if v is not None}} for p in self.passes]
-        out["export"] = dict(self.export)
+        out["export"] = {**self.export, **self.deploy}
         out["validation"] = dict(self.validation)
         if self.data:
             out["data"] = dict(self.data)
@@ -76,10 +79,12 @@ def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
             raise UsageError(f"{where}: each [[passes]] entry needs name = \"PASS\"")
         options = {k: v for k, v in entry.items() if k != "name"}
         passes.append(make_pass(entry["name"], options))
-    export = _table(raw, "export", EXPORT_KEYS, where)
+    export = _table(raw, "export", EXPORT_KEYS | OPTIONS_KEYS, where)
+    deploy = {k: export.pop(k) for k in OPTIONS_KEYS if k in export}
+    export_options(deploy, f"{where}: [export]")  # checked now: a typo fails before any work
     validation = _table(raw, "validation", VALIDATION_KEYS, where)
     data = _table(raw, "data", DATA_KEYS, where)
-    return Recipe(model["source"], passes, export, validation, data)
+    return Recipe(model["source"], passes, export, deploy=deploy, validation=validation, data=data)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -132,5 +137,7 @@ def resolve_recipe(recipe: Recipe) -> Recipe:
     folder = resolve_folder(recipe.source)
     modality = adapter_for(read_model_type(folder, recipe.source)).modality
     recipe.export = check_shapes(modality, recipe.export)
+    if modality == "causal_lm" and export_options(recipe.deploy).active:
+        raise UsageError("[export] fuse/quantize apply to encoders; language-model artifacts ship as lowered (remove them)")
     recipe.validation = asdict(validation_config(modality, recipe.validation))
     return recipe

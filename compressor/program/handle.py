@@ -34,7 +34,7 @@ class ModelHandle:
         ad = self.adapter
         caps = {ad.modality, ad.family, f"{ad.norm_placement}_norm"}
         caps.add("decoder" if ad.modality == "causal_lm" else "encoder")
-        if any(self.plan.merges):
+        if self.plan.active:
             caps.add("token_plan")
         return caps
 

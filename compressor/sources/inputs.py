@@ -12,6 +12,7 @@ import torch
 
 from compressor.runtime.preprocess import ImagePreprocessor, TextPreprocessor
 
+from compressor.errors import UsageError
 from compressor.sources import data
 
 
@@ -22,10 +23,38 @@ def preprocessor(handle):
     return ImagePreprocessor.from_config(pre)
 
 
+def wiki_windows(count: int, words: int) -> list[str]:
+    """`count` held-out Wikipedia passages of `words` words (at least as many tokens: they fill a compiled length of
+    `words`), taken round-robin over the held-out articles (never the calibration ones) so that topics vary."""
+    from compressor.sources.wiki import wiki_split
+
+    per_article = [t.split() for t in wiki_split()[1]]
+    out, k = [], 0
+    while len(out) < count:
+        chunks = [" ".join(a[k * words:(k + 1) * words]) for a in per_article if len(a) >= (k + 1) * words]
+        if not chunks:
+            raise UsageError(f"the held-out Wikipedia text holds fewer than {count} passages of {words} words")
+        out.extend(chunks)
+        k += 1
+    return out[:count]
+
+
+def validation_texts(count: int, seq_len: int) -> list[str]:
+    """Texts that fill the compiled length, so that token merging merges real tokens: held-out Wikipedia passages.
+    (Short sentences leave most of the sequence as padding, which merges first and hides what merging costs.)"""
+    return wiki_windows(count, seq_len)
+
+
 def raw_samples(handle, part: str, count: int, source: str | None = None) -> list:
-    """`count` texts or images: from the user's file/folder if given, else the bundled real data sets."""
+    """`count` texts or images: from the user's file/folder if given, else the bundled real data sets (validation
+    texts fill the compiled length; probe texts are Lee background sentences)."""
     if handle.adapter.modality == "text":
-        texts = data.read_text_file(source) if source else data.text_split(part, count)
+        if source:
+            texts = data.read_text_file(source)
+        elif part == "validation":
+            texts = validation_texts(count, handle.shapes["seq_len"])
+        else:
+            texts = data.text_split(part, count)
         return (texts * (count // len(texts) + 1))[:count]
     if source:
         return data.read_image_folder(source, count)

@@ -10,7 +10,7 @@ from pathlib import Path
 from compressor.models import ModelAdapter, adapter_for, supported_model_types
 
 from compressor.errors import UsageError
-from compressor.sources.examples import example_folder
+from compressor.sources.examples import EXAMPLES, example_folder
 from compressor.sources.gguf import conversion_record, converted_folder, gguf_file
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -39,7 +39,8 @@ def resolve_folder(spec: str) -> Path:
         return example_folder(spec.split(":", 1)[1])
     path = Path(spec).expanduser()
     if not path.exists():
-        raise UsageError(f"model path '{spec}' does not exist (give a Hugging Face model folder or example:minilm / example:dinov2-small)")
+        known = " / ".join(f"example:{name}" for name in EXAMPLES)
+        raise UsageError(f"model path '{spec}' does not exist (give a Hugging Face model folder, a .gguf file or {known})")
     if (gguf := gguf_file(path, spec)) is not None:
         return converted_folder(gguf, spec)
     if not path.is_dir() or not (path / "config.json").exists():

@@ -82,11 +82,11 @@ def walk(handle, inputs: tuple[torch.Tensor, ...], skip: frozenset[int] | set[in
         for i, layer in enumerate(ad.layers):
             if i in skip:
                 continue
-            x = layer.residual(x, "attn") + layer.o(self_attention(ad, layer, layer.attn_norm(x), cos, sin, bias)[0])
+            x = layer.residual(x, "attn") + layer.attn_out(self_attention(ad, layer, layer.attn_norm(x), cos, sin, bias)[0])
             x = layer.mlp(x)
             if keep_states:
                 states.append(x)
-        return Walk(states, mask.bool(), ad.lm_head(ad.final_norm_module(x)))
+        return Walk(states, mask.bool(), ad.logits(x))
     from compressor.models import PAD
     from compressor.program.encoder import MASK_BIAS
 

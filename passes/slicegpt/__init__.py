@@ -275,6 +275,12 @@ class SliceGPT(Pass):
     ensures = frozenset({"sliced"})
 
     def check(self, handle) -> None:
+        if handle.adapter.norm_placement == "sandwich":
+            raise UsageError(
+                f"slicegpt cannot rotate {handle.adapter.family}'s residual stream: each block's output passes an RMSNorm "
+                "before the residual add, and the norm's per-channel scale does not commute with a rotation "
+                "(computational invariance breaks); use width_prune, layer_prune or distill"
+            )
         if handle.adapter.norm_placement != "pre":
             raise UsageError(
                 f"slicegpt needs a pre-norm model; {handle.adapter.family} normalises after each residual add (post-norm), "
@@ -283,7 +289,7 @@ class SliceGPT(Pass):
         from compressor.models import LlamaAdapter
 
         if handle.adapter.family != "dinov2" and not isinstance(handle.adapter, LlamaAdapter):
-            raise UsageError(f"slicegpt supports Llama-family decoders (Llama, Qwen2, Qwen3, Mistral) and DINOv2 so far, not {handle.adapter.family}")
+            raise UsageError(f"slicegpt supports Llama-family decoders (Llama, Qwen2, Qwen3, Mistral, Phi-3) and DINOv2 so far, not {handle.adapter.family}")
         if handle.adapter.family == "dinov2":
             self._check_vit()
 

@@ -1,0 +1,160 @@
+"""What the `compress` commands print: rich tables on stdout, progress on stderr."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def consoles():
+    """(stderr, stdout) rich consoles, made at call time so captured streams (tests) are honoured."""
+    from rich.console import Console
+
+    return Console(stderr=True), Console()
+
+
+def fmt_flops(v: float) -> str:
+    return f"{v / 1e9:.2f} G"
+
+
+def fmt_params(v: float) -> str:
+    return f"{v / 1e6:.2f} M"
+
+
+class PassPrinter:
+    """A pass-manager instrument: one line before each pass, its schedule and cost after."""
+
+    def __init__(self, console):
+        self.console = console
+
+    def before_pass(self, p, index, total):
+        self.console.print(f"pass {index + 1}/{total}: {p!r}")
+
+    def after_pass(self, p, record):
+        info = record["info"]
+        if "token_counts" in info:
+            self.console.print(f"  schedule (tokens merged per layer): {info['schedule']}")
+            self.console.print(f"  tokens per layer: {info['token_counts']}")
+        if "boundary_widths" in info:
+            self.console.print(f"  residual widths per boundary ({info['width_schedule']}): {info['boundary_widths']}")
+        ratio = record["flops_before"] / max(record["flops_after"], 1)
+        self.console.print(f"  {record['seconds'] * 1000:.1f} ms, FLOPs {fmt_flops(record['flops_before'])} -> "
+                           f"{fmt_flops(record['flops_after'])} ({ratio:.2f}x), probe cosine {record['probe']['cosine_to_previous_mean']:.4f}")
+
+
+def print_summary(out, manifest: dict, output) -> None:
+    from rich.table import Table
+
+    v = manifest["validation"]
+    t = Table(title=f"artifact {output}")
+    t.add_column("metric")
+    t.add_column("dense", justify="right")
+    t.add_column("compressed", justify="right")
+    t.add_row("FLOPs", fmt_flops(manifest["flops"]["dense"]), fmt_flops(manifest["flops"]["compressed"]))
+    t.add_row("params", fmt_params(manifest["params"]["dense"]), fmt_params(manifest["params"]["compressed"]))
+    if "perplexity_onnx" in v:
+        t.add_row(f"perplexity ({v['windows']} held-out windows)", f"{v['perplexity_dense_torch']:.3f}", f"{v['perplexity_onnx']:.3f}")
+        out.print(t)
+        out.print(f"FLOPs ratio {manifest['flops']['ratio']:.2f}x; ONNX vs PyTorch perplexity gap {v['onnx_gap']:.1e}; "
+                  f"greedy agreement {v['greedy_agreement']:.2f}")
+        return
+    counts = manifest["token_plan"]["token_counts"]
+    t.add_row("tokens in -> out", f"{counts[0]} -> {counts[0]}", f"{counts[0]} -> {counts[-1]}")
+    out.print(t)
+    out.print(f"FLOPs ratio {manifest['flops']['ratio']:.2f}x; validation on {v['samples']} held-out samples: "
+              f"cosine to dense mean {v['cosine_to_dense_mean']:.4f}, p5 {v['cosine_to_dense_p5']:.4f}; "
+              f"ONNX/PyTorch agreement {v['onnx_vs_torch_agreement']:.3f}")
+
+
+def print_passes(out) -> None:
+    from rich.table import Table
+
+    import compressor.passes  # noqa: F401  (registers the bundled passes)
+    from compressor.pipeline.pass_base import REGISTRY, option_table
+
+    for name, cls in sorted(REGISTRY.items()):
+        t = Table(title=f"{name}: {cls.summary}", title_justify="left")
+        for col in ("option", "type", "default", "meaning"):
+            t.add_column(col)
+        for row in option_table(cls):
+            t.add_row(*row)
+        out.print(t)
+        out.print(f"  requires: {sorted(cls.requires)}  ensures: {sorted(cls.ensures)}")
+
+
+def print_models(out, rows: list[dict]) -> None:
+    from rich.table import Table
+
+    t = Table(title="supported model families (config.json model_type)", title_justify="left")
+    for col in ("family", "model types", "modality", "passes", "example checkpoints"):
+        t.add_column(col, overflow="fold")  # never cut a name short in a narrow terminal
+    for r in rows:
+        t.add_row(r["family"], ", ".join(r["model_types"]), r["modality"], ", ".join(r["passes"]), "\n".join(r["examples"]))
+    out.print(t)
+
+
+def print_inspect(out, info: dict, path: str) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{info['kind']}: {path}", show_header=False)
+    m = info["model"]
+    t.add_row("family", f"{m['family']} ({m['modality']})")
+    t.add_row("architecture", f"{m['layers']} layers, width {m['hidden_size']}, {m['heads']} heads")
+    shown = info["inputs"][:2] if len(info["inputs"]) > 4 else info["inputs"]
+    more = f", and {len(info['inputs']) - 2} past key/value inputs" if len(info["inputs"]) > 4 else ""
+    t.add_row("inputs", ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in shown) + more)
+    if info["kind"] == "artifact":
+        t.add_row("source", info["source"])
+        t.add_row("passes", "; ".join(f"{p['name']} {p['options']}" for p in info["passes"]) or "none")
+        t.add_row("FLOPs", f"{fmt_flops(info['flops']['dense'])} dense -> {fmt_flops(info['flops']['compressed'])} ({info['flops']['ratio']:.2f}x)")
+        t.add_row("params", f"{fmt_params(info['params']['dense'])} -> {fmt_params(info['params']['compressed'])}")
+        val = info["validation"]
+        if "perplexity_onnx" in val:
+            t.add_row("validation", f"passed={val['passed']} perplexity {val['perplexity_dense_torch']:.3f} dense -> "
+                      f"{val['perplexity_onnx']:.3f} ONNX, gap to PyTorch {val['onnx_gap']:.1e}, greedy agreement {val['greedy_agreement']:.2f}")
+        else:
+            t.add_row("validation", f"passed={val['passed']} cosine mean {val['cosine_to_dense_mean']:.4f} p5 "
+                      f"{val['cosine_to_dense_p5']:.4f} agreement {val['onnx_vs_torch_agreement']:.3f}")
+    else:
+        t.add_row("params", fmt_params(info["params"]))
+        t.add_row("FLOPs", f"{fmt_flops(info['flops'])} at {info['shapes']}")
+    if m["modality"] != "causal_lm":
+        t.add_row("tokens per layer", " -> ".join(str(c) for c in info["token_counts"]))
+    out.print(t)
+
+
+def print_bench(out, result: dict, artifact: str) -> None:
+    from rich.table import Table
+
+    where = f"onnxruntime {', '.join(result.get('providers') or ['CPUExecutionProvider'])}, {result['threads']} threads"
+    if "decode_speedup" in result:
+        t = Table(title=f"{artifact}: {where}")
+        for col in ("model", f"prefill {result['prefill_tokens']} (ms)", f"decode {result['decode_tokens']} (ms)", "params (M)"):
+            t.add_column(col, justify="right")
+        t.add_row("dense", f"{result['dense_ms']:.1f}", f"{result['decode_dense_ms']:.1f}", f"{result['params_dense'] / 1e6:.1f}")
+        t.add_row("compressed", f"{result['compressed_ms']:.1f}", f"{result['decode_compressed_ms']:.1f}", f"{result['params_compressed'] / 1e6:.1f}")
+        t.add_row("speed-up", f"{result['speedup']:.2f}x", f"{result['decode_speedup']:.2f}x", "")
+    else:
+        t = Table(title=f"{artifact}: {where}, median of {result['repeats']}")
+        for col in ("model", "latency (ms)", "GFLOPs", "speed-up", "FLOPs ratio", "efficiency"):
+            t.add_column(col, justify="right")
+        t.add_row("dense", f"{result['dense_ms']:.2f}", f"{result['dense_flops'] / 1e9:.2f}", "1.00", "1.00", "")
+        t.add_row("compressed", f"{result['compressed_ms']:.2f}", f"{result['compressed_flops'] / 1e9:.2f}",
+                  f"{result['speedup']:.2f}", f"{result['flops_ratio']:.2f}", f"{result['efficiency']:.2f}")
+    out.print(t)
+    if result.get("distributions"):
+        from compressor.export.baseline_bench import BASELINE_COLUMNS, baseline_rows
+
+        b = Table(title="speed-up of the artifact over each dense baseline, by real length distribution (above 1: faster)")
+        for col in BASELINE_COLUMNS:
+            b.add_column(col, justify="right")
+        for row in baseline_rows(result):
+            b.add_row(*row)
+        out.print(b)
+
+
+def write_json(out, path: str | None, result: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2))
+        out.print(f"wrote {path}")

@@ -1,0 +1,126 @@
+"""What a user would run instead of our artifact: the dense source model exported with dynamic batch and sequence
+axes (run batched by length), and that export after onnxruntime's transformer optimizer (and INT8 on top).
+
+The `fused` baseline is exported the way optimum exports (transformers' own forward through the TorchScript
+exporter), because that is the graph onnxruntime's fusions were written for: it gets fused Attention, SkipLayerNorm
+and EmbedLayerNorm, which the dynamo export of the same model does not. Our artifacts stay dynamo exports; this is a
+baseline only. Every export is cached by source weights hash and shapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from compressor.errors import UsageError
+from compressor.sources.cache import cache_dir
+from compressor.sources.source import SourceInfo
+
+MODEL_FILE = "model.onnx"
+
+
+def source_handle(manifest: dict):
+    """The artifact's source model, reloaded at its shapes; refuses a source whose weights changed."""
+    from compressor.program.handle import load
+
+    src = manifest["source"]
+    spec = SourceInfo(**src).reload_spec
+    handle = load(spec, **manifest["shapes"])
+    if handle.source.weights_sha256 != src["weights_sha256"]:
+        raise UsageError(f"the source model at '{spec}' changed since the artifact was built (weights hash differs); rebuild the artifact")
+    return handle
+
+
+def _folder(manifest: dict, kind: str) -> Path:
+    from compressor import __version__
+
+    src = manifest["source"]
+    key = hashlib.sha256(json.dumps([src["weights_sha256"], manifest["shapes"], __version__, kind], sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "dense" / f"{key}-{kind}"
+
+
+def _dynamic_axes(handle) -> list[dict[int, str]]:
+    """Batch is dynamic for every input; for text, the sequence too (images keep their compiled size)."""
+    text = handle.adapter.modality == "text"
+    return [{0: "batch", 1: "sequence"} if text else {0: "batch"} for _ in handle.input_specs()]
+
+
+def dense_dynamic(manifest: dict) -> Path:
+    """Our dense program (dynamo export, as our artifacts) with dynamic axes."""
+    from torch.export import Dim
+
+    from compressor.export.onnx import OUTPUT_NAME, _lower
+
+    folder = _folder(manifest, "dynamic")
+    if (folder / MODEL_FILE).exists():
+        return folder / MODEL_FILE
+    handle = source_handle(manifest)
+    example = handle.example_inputs()
+    dims = (tuple({axis: Dim.AUTO for axis in axes} for axes in _dynamic_axes(handle)),)  # forward(*inputs)
+    with torch.no_grad():
+        program = torch.export.export(handle.program(dense=True), example, dynamic_shapes=dims, strict=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{MODEL_FILE}.tmp"
+    _lower(program, example, [s.name for s in handle.input_specs()], [OUTPUT_NAME], tmp, "dynamic dense export")
+    tmp.rename(folder / MODEL_FILE)
+    return folder / MODEL_FILE
+
+
+class _Reference(torch.nn.Module):
+    """transformers' own forward and pooling, the module optimum would export."""
+
+    def __init__(self, adapter):
+        super().__init__()
+        self.adapter, self.model = adapter, adapter.model
+
+    def forward(self, *inputs):
+        return self.adapter.reference_forward(*inputs)
+
+
+def dense_fused(manifest: dict) -> tuple[Path, dict]:
+    """The fused dense baseline and its record (exporter, fused operator counts)."""
+    from compressor.export.onnx import OUTPUT_NAME, _quiet
+    from compressor.export.optimize import fuse_transformer
+
+    folder = _folder(manifest, "fused")
+    if (folder / MODEL_FILE).exists():
+        return folder / MODEL_FILE, json.loads((folder / "fusion.json").read_text())
+    handle = source_handle(manifest)
+    example, names = handle.example_inputs(), [s.name for s in handle.input_specs()]
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = folder / "unfused.onnx"
+    try:
+        with _quiet(), torch.no_grad():
+            torch.onnx.export(_Reference(handle.adapter).eval(), tuple(example), str(raw), dynamo=False,
+                              input_names=names, output_names=[OUTPUT_NAME], opset_version=17,
+                              dynamic_axes=dict(zip(names, _dynamic_axes(handle))))
+        exporter = "torchscript (as optimum)"
+    except Exception as e:  # the TorchScript exporter may go away; the dynamo export still fuses what it can
+        raw.write_bytes(dense_dynamic(manifest).read_bytes())
+        exporter = f"dynamo (torchscript failed: {type(e).__name__})"
+    cfg = handle.adapter.config
+    record = fuse_transformer(raw, folder / f".{MODEL_FILE}.tmp", cfg.model_type, cfg.num_attention_heads,
+                              cfg.hidden_size, ours=False)
+    record["exporter"] = exporter
+    if not record["model_type"]:
+        (folder / f".{MODEL_FILE}.tmp").write_bytes(raw.read_bytes())
+    raw.unlink()
+    (folder / "fusion.json").write_text(json.dumps(record))
+    (folder / f".{MODEL_FILE}.tmp").rename(folder / MODEL_FILE)
+    return folder / MODEL_FILE, record
+
+
+def dense_fused_int8(manifest: dict) -> Path:
+    """The fused dense baseline with INT8 dynamic quantization (per channel), as optimum's quantizer gives."""
+    from compressor.export.optimize import quantize_int8_dynamic
+
+    fused, _ = dense_fused(manifest)
+    path = fused.with_name("model.int8.onnx")
+    if not path.exists():
+        tmp = fused.with_name(".model.int8.onnx.tmp")
+        quantize_int8_dynamic(fused, tmp, per_channel=True)
+        tmp.rename(path)
+    return path

@@ -1,0 +1,138 @@
+"""Deployment rewrites of an exported graph: onnxruntime's transformer fusions and INT8 quantization.
+
+Both are applied after lowering and before validation, so the graph that is validated is the graph that ships. Our
+graphs spell attention as matmul + softmax with an additive bias (padding mask, token-size log bias), which
+onnxruntime's Attention fusion does not recognise: what did fuse is recorded, never assumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from compressor.errors import UsageError
+
+QUANTIZE_MODES = ("none", "int8-dynamic")
+OPTIONS_KEYS = {"fuse", "quantize", "per_channel"}
+# onnxruntime.transformers.optimizer model types, by our adapters' model_type
+FUSION_MODEL_TYPES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert": "bert", "mpnet": "bert",
+                      "dinov2": "vit", "vit": "vit", "deit": "vit", "clip_vision_model": "clip", "clip": "clip"}
+
+
+@dataclass
+class ExportOptions:
+    """The recipe's [export] deployment keys (the shape keys live beside them, in the handle)."""
+
+    fuse: bool = False  # onnxruntime transformer optimizer (fused LayerNorm, Gelu, ... where patterns match)
+    quantize: str = "none"  # "int8-dynamic": weights INT8, activations quantized per call (MatMul, Gemm, Attention)
+    per_channel: bool = True  # one weight scale per output channel (keeps MiniLM's quality; per-tensor loses more)
+
+    @property
+    def active(self) -> bool:
+        return self.fuse or self.quantize != "none"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def export_options(raw: dict | ExportOptions | None, where: str = "[export]") -> ExportOptions:
+    """Typed, checked deployment options from a recipe's [export] table (shape keys are ignored here)."""
+    if isinstance(raw, ExportOptions):
+        return raw
+    values = {k: v for k, v in (raw or {}).items() if k in OPTIONS_KEYS}
+    for key in ("fuse", "per_channel"):
+        if key in values and not isinstance(values[key], bool):
+            raise UsageError(f"{where} {key} must be true or false, got {values[key]!r}")
+    if "quantize" in values and values["quantize"] not in QUANTIZE_MODES:
+        raise UsageError(f"{where} quantize must be one of {list(QUANTIZE_MODES)}, got {values['quantize']!r}")
+    return ExportOptions(**values)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The optimizer and quantizer log shape-inference retries and advice on every call; keep the terminal clean."""
+    root = logging.getLogger()
+    names = ["onnxruntime", "onnxruntime.transformers", "fusion_base", "onnx_model", "optimizer"]
+    loggers = [root] + [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def fuse_transformer(src: Path, dst: Path, model_type: str, num_heads: int, hidden_size: int, ours: bool = True) -> dict:
+    """onnxruntime's transformer optimizer on src, saved to dst; returns which fused operators it produced.
+
+    For our graphs (`ours`): python fusions only (opt_level 0: the optimizer's own onnxruntime pre-pass leaves a graph
+    that onnxruntime 1.32 then refuses to load at its extended level) and no ONNX shape inference, which fails on the
+    dynamo graph and would otherwise block the SkipLayerNormalization fusion. Baselines get the defaults, as optimum."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    kind = FUSION_MODEL_TYPES.get(model_type)
+    if kind is None:
+        return {"model_type": None, "fused": {}, "note": f"no onnxruntime fusion model type for {model_type}"}
+    settings = {}
+    if ours:
+        fusion = FusionOptions(kind)
+        fusion.enable_shape_inference = False
+        settings = {"opt_level": 0, "optimization_options": fusion}
+    with _quiet():
+        model = optimize_model(str(src), model_type=kind, num_heads=num_heads, hidden_size=hidden_size, **settings)
+        stats = model.get_fused_operator_statistics()
+        model.save_model_to_file(str(dst))
+    return {"model_type": kind, "fused": {op: int(n) for op, n in stats.items() if n}}
+
+
+def quantize_int8_dynamic(src: Path, dst: Path, per_channel: bool = True) -> dict:
+    """Weights to INT8 (symmetric), activations quantized at run time; only matmuls against a weight."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # fused contrib ops defeat ONNX shape inference: their outputs are float32, which the quantizer must be told
+    extra = {"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT}
+    with _quiet():
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel, extra_options=extra)
+    return {"mode": "int8-dynamic", "per_channel": per_channel, "quantized_ops": _count_ops(dst, "Integer", "Quant")}
+
+
+def _count_ops(path: Path, *markers: str) -> dict:
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        if any(m in node.op_type for m in markers):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def optimize_graph(path: Path, options: ExportOptions, adapter, fp32_copy: Path | None = None) -> dict:
+    """Rewrite path (model.onnx) in place: fusions, then quantization (the FP32 graph it starts from is copied to
+    `fp32_copy` if given). Returns the manifest's record of both."""
+    record: dict = {"options": options.to_json(), "steps": []}
+    if options.fuse:
+        tmp = path.with_name(path.stem + ".fused.onnx")
+        cfg = adapter.config
+        record["fusion"] = fuse_transformer(path, tmp, cfg.model_type, cfg.num_attention_heads, cfg.hidden_size)
+        if record["fusion"]["model_type"]:
+            tmp.replace(path)
+            record["steps"].append("fuse")
+    if options.quantize == "int8-dynamic":
+        if fp32_copy is not None:
+            shutil.copy2(path, fp32_copy)
+        tmp = path.with_name(path.stem + ".int8.onnx")
+        record["quantization"] = quantize_int8_dynamic(path, tmp, options.per_channel)
+        tmp.replace(path)
+        record["steps"].append("int8-dynamic")
+    return record

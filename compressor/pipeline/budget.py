@@ -1,0 +1,168 @@
+"""`compress run --budget KEY=VALUE`: the compiler picks and tunes passes to meet a stated budget on this machine.
+
+Analytic budgets (`flops`, `params`) become pass options directly. Measured budgets (`speedup`, `latency_ms`)
+are met by a short search: compile, time the artifact against its dense export on this machine's onnxruntime,
+rescale the FLOPs target by the speed-up still missing, and repeat (a few attempts); the closest attempt is
+published only if it lands within the tolerance, otherwise nothing is written and the run exits 3. The manifest
+records `budget: {requested, measured}` either way it is published.
+
+Which passes: encoders reduce tokens (`learned_rates` when asked for, else `token_merge` to a FLOPs target) and
+fall back on structured width pruning when token reduction alone cannot reach the target; language models prune
+width (`width_prune`), the one structured pass whose FLOPs and parameters both follow the budget. A `params`
+budget always drives `width_prune`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from compressor.errors import UsageError, ValidationFailed
+
+KEYS = ("speedup", "flops", "params", "latency_ms")
+TOLERANCE = 0.05  # measured speed-up may miss the requested one by 5% (the issue's bar)
+ATTEMPTS = 4
+
+
+@dataclass(frozen=True)
+class Budget:
+    key: str
+    value: float
+    tolerance: float = TOLERANCE
+
+    @property
+    def measured(self) -> bool:
+        return self.key in ("speedup", "latency_ms")
+
+    def to_json(self) -> dict:
+        return {self.key: self.value, "tolerance": self.tolerance}
+
+
+def parse_budget(spec: str) -> Budget:
+    key, sep, value = spec.partition("=")
+    key = key.strip()
+    if not sep or key not in KEYS:
+        raise UsageError(f"--budget takes KEY=VALUE with KEY one of {', '.join(KEYS)}; got '{spec}'")
+    try:
+        v = float(value)
+    except ValueError:
+        raise UsageError(f"--budget {key} needs a number, got '{value}'") from None
+    if key in ("flops", "params") and not 0.0 < v < 1.0:
+        raise UsageError(f"--budget {key}={v} is the fraction of the dense model to keep: it must lie strictly between 0 and 1")
+    if key == "speedup" and v <= 1.0:
+        raise UsageError(f"--budget speedup={v} asks for no speed-up; give a value above 1, e.g. speedup=1.5")
+    if key == "latency_ms" and v <= 0:
+        raise UsageError(f"--budget latency_ms must be positive, got {v}")
+    return Budget(key, v)
+
+
+def passes_for(handle, keep_flops: float | None = None, keep_params: float | None = None) -> list:
+    """The passes that bring `handle` to a FLOPs or parameter fraction of its dense self."""
+    from compressor.passes import TokenMerge, WidthPrune
+
+    if keep_params is not None:
+        return [WidthPrune(params=keep_params)]
+    if handle.adapter.modality == "causal_lm":
+        return [WidthPrune(flops=keep_flops)]
+    reachable = max_token_reduction(handle)
+    if 1.0 - keep_flops <= reachable:
+        return [TokenMerge(reduction=1.0 - keep_flops)]
+    # token merging goes as far as it can; width pruning takes the rest
+    rest = keep_flops / (1.0 - reachable * 0.95)
+    if not 0.0 < rest < 1.0:
+        raise UsageError(f"--budget: keeping {keep_flops:.0%} of the FLOPs is out of reach for this model")
+    return [WidthPrune(flops=rest), TokenMerge(reduction=reachable * 0.95)]
+
+
+def max_token_reduction(handle) -> float:
+    from compressor.passes.token_merge import constant_schedule, schedule_flops
+
+    c, layers, tokens = handle.adapter.config, handle.num_layers, handle.num_tokens
+    ffn = sum(l.channels for l in handle.adapter.layers) // len(handle.adapter.layers)
+    most = constant_schedule(tokens, tokens, layers, handle.adapter.protected_per_sample)
+    dense = schedule_flops([0] * layers, tokens, c.hidden_size, ffn)
+    return 0.9 * (1.0 - schedule_flops(most, tokens, c.hidden_size, ffn) / dense)  # blocks only; the rest is fixed
+
+
+def run_budget(recipe, budget: Budget, output, *, force: bool = False, progress=None) -> dict:
+    """Build the artifact for `budget`; returns its manifest (with the `budget` section)."""
+    from compressor.export.compile import check_output, compile_artifact, publish
+    from compressor.pipeline.pass_manager import Pipeline
+    from compressor.pipeline.recipe import resolve_recipe
+    from compressor.program.handle import load
+
+    if recipe.passes:
+        raise UsageError("--budget picks the passes itself; give either --budget or passes (--pass or a recipe's [[passes]]), not both")
+    step = progress or (lambda msg: None)
+    output = Path(output)
+    check_output(output, force)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    resolve_recipe(recipe)
+
+    def build(keep: float | None, folder: Path) -> dict:
+        handle = load(recipe.source, **recipe.export)
+        passes = passes_for(handle, keep_params=budget.value) if budget.key == "params" else passes_for(handle, keep_flops=keep)
+        Pipeline(passes).run(handle)
+        return compile_artifact(handle, folder, recipe.validation, force=True, data=recipe.data,
+                                recipe={**recipe.to_dict(), "budget": budget.to_json()}, progress=progress)
+
+    scratch = [output.with_name(f".{output.name}.budget-{i}") for i in range(ATTEMPTS)]
+    try:
+        if not budget.measured:
+            manifest = build(budget.value, scratch[0])
+            chosen, measured = scratch[0], analytic_measure(budget.key, manifest)
+            missed = abs(measured[budget.key] - budget.value) / budget.value
+        else:
+            chosen, manifest, measured, missed = search_speed(budget, build, scratch, step)
+        manifest["budget"] = {"requested": budget.to_json(), "measured": measured, "within_tolerance": missed <= budget.tolerance}
+        if missed > budget.tolerance:
+            raise ValidationFailed(f"budget missed: requested {budget.key}={budget.value}, measured {measured[budget.key]:.3g} "
+                                   f"({missed:.0%} off, tolerance {budget.tolerance:.0%}); nothing published")
+        (chosen / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        publish(chosen, output)
+        return manifest
+    finally:
+        for s in scratch:
+            shutil.rmtree(s, ignore_errors=True)
+
+
+def analytic_measure(key: str, manifest: dict) -> dict:
+    return {"flops": manifest["flops"]["compressed"] / manifest["flops"]["dense"],
+            "params": manifest["params"]["compressed"] / manifest["params"]["dense"]}
+
+
+def search_speed(budget: Budget, build, scratch: list[Path], step):
+    """Rescale the FLOPs target by the speed-up still missing until the measured one lands within tolerance."""
+    from compressor.export.bench import bench_artifact
+
+    target = budget.value if budget.key == "speedup" else None  # latency_ms: known once the dense model is timed
+    keep, best = (1.0 / target if target else 0.6), None
+    for i, folder in enumerate(scratch):
+        keep = min(max(keep, 0.05), 0.95)
+        step(f"budget attempt {i + 1}: keeping {keep:.0%} of the dense FLOPs")
+        try:
+            manifest = build(keep, folder)
+        except ValidationFailed as e:  # this much reduction breaks the quality bar: the best so far is the answer
+            if best is None:
+                raise ValidationFailed(f"budget: keeping {keep:.0%} of the FLOPs already fails validation ({e}); "
+                                       "lower the budget or the [validation] bars") from None
+            step(f"budget attempt {i + 1} failed validation; keeping attempt with {best[2]['speedup']:.2f}x")
+            break
+        bench = bench_artifact(folder, repeats=10, warmup=2, baselines=False)
+        if target is None:
+            target = bench["dense_ms"] / budget.value
+            if target <= 1.0:
+                raise UsageError(f"--budget latency_ms={budget.value}: the dense model already runs in {bench['dense_ms']:.0f} ms here")
+        speedup = bench["speedup"]
+        measured = {"speedup": speedup, "latency_ms": bench["compressed_ms"], "dense_ms": bench["dense_ms"],
+                    "flops": manifest["flops"]["compressed"] / manifest["flops"]["dense"]}
+        missed = abs(speedup - target) / target
+        step(f"budget attempt {i + 1}: measured {speedup:.2f}x, requested {target:.2f}x")
+        if best is None or missed < best[3]:
+            best = (folder, manifest, measured, missed)
+        if missed <= budget.tolerance:
+            break
+        keep *= speedup / target  # remove FLOPs in proportion to the speed-up still missing
+    return best

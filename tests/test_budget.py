@@ -1,0 +1,61 @@
+"""`--budget`: the compiler picks passes to meet a stated FLOPs or parameter budget, or refuses in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from compressor.errors import UsageError
+from compressor.pipeline.budget import parse_budget, run_budget
+from compressor.pipeline.recipe import recipe_from_dict
+
+
+def minilm_recipe(**extra):
+    return recipe_from_dict({"model": {"source": "example:minilm"}, "export": {"batch": 4, "seq_len": 64},
+                             "validation": {"samples": 16}, **extra})
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("params=1.5", "strictly between 0 and 1"),
+    ("flops=0", "strictly between 0 and 1"),
+    ("speedup=0.9", "no speed-up"),
+    ("latency_ms=-3", "positive"),
+    ("gflops=2", "KEY one of"),
+    ("speedup=fast", "needs a number"),
+])
+def test_bad_budgets_are_refused_in_one_line(spec, message):
+    with pytest.raises(UsageError, match=message):
+        parse_budget(spec)
+
+
+def test_budget_and_explicit_passes_are_refused(tmp_path):
+    recipe = minilm_recipe(passes=[{"name": "token_merge", "r": 4}])
+    with pytest.raises(UsageError, match="not both"):
+        run_budget(recipe, parse_budget("flops=0.5"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec, driver", [("flops=0.6", "token_merge"), ("params=0.85", "width_prune")])
+def test_budget_is_met_and_recorded(spec, driver, tmp_path):
+    budget = parse_budget(spec)
+    manifest = run_budget(minilm_recipe(), budget, tmp_path / "out")
+    assert driver in [p["name"] for p in manifest["passes"]]
+    recorded = json.loads((tmp_path / "out" / "manifest.json").read_text())["budget"]
+    assert recorded["requested"][budget.key] == budget.value
+    assert recorded["within_tolerance"]
+    assert abs(recorded["measured"][budget.key] - budget.value) <= budget.tolerance * budget.value
+    # the artifact is published and nothing of the search is left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_budget_command_refuses_in_one_line(tmp_path, capsys):
+    from compressor.cli import main
+
+    assert main(["run", "--model", "example:minilm", "--budget", "params=1.2", "--output", str(tmp_path / "o")]) == 2
+    assert main(["run", "--model", "example:minilm", "--budget", "flops=0.5", "--pass", "token_merge:r=4",
+                 "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,171 @@
+"""learned_rates (DiffRate): the search forward computes what the static program computes, the budget pulls the
+rates, the pass meets its FLOPs target with a schedule the program compiles, and bad options are one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressor import Pipeline
+from compressor.errors import UsageError
+from compressor.passes import LearnedRates
+from compressor.passes.learned_rates import has_class_token
+from compressor.passes.learned_rates.cost import FlopsCost
+from compressor.passes.learned_rates.rates import KeptCounts
+from compressor.passes.learned_rates.search import search_forward
+from compressor.program.encoder import TokenPlan
+from compressor.program.handle import load
+from compressor.sources.inputs import make_feeds
+
+from .conftest import SMALL_IMAGE, SMALL_TEXT, build, compress
+
+QUICK = {"steps": 2, "batch": 4, "calibration_samples": 8}
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load("example:minilm", **SMALL_TEXT)
+
+
+@pytest.fixture(scope="module")
+def dinov2():
+    return load("example:dinov2-small", **SMALL_IMAGE)
+
+
+def fresh(handle):
+    handle.plan, handle.history = TokenPlan(), []
+    return handle
+
+
+def rates_for(layers: int, tokens: int, kept: list[int]) -> KeptCounts:
+    rates = KeptCounts(layers, tokens, 3, 1)
+    with torch.no_grad():  # all mass on one candidate per layer: the hard counts are exactly `kept`
+        rates.logits.fill_(-50.0)
+        for i, k in enumerate(kept):
+            rates.logits[i, tokens - k] = 50.0
+    return rates
+
+
+@pytest.mark.parametrize("model, prune_kept, merge_kept", [
+    ("dinov2", [65, 57, 57, 50, 50, 44, 44, 40, 40, 36, 36, 30], [60, 57, 52, 50, 47, 44, 42, 40, 38, 36, 33, 30]),
+    ("minilm", None, [56, 50, 44, 40, 36, 30]),
+])
+def test_search_forward_is_the_compiled_program(request, model, prune_kept, merge_kept):
+    """With the rates' hard counts, the masked search forward (every token kept, dropped ones masked) gives the pooled
+    output of the static program compiled with that schedule: what the search optimises is what ships."""
+    handle = fresh(request.getfixturevalue(model))
+    ad, n, layers = handle.adapter, handle.num_tokens, handle.num_layers
+    inputs = make_feeds(handle, "validation")
+    prune = rates_for(layers, n, prune_kept) if prune_kept else None
+    merge = rates_for(layers, n, merge_kept)
+    with torch.no_grad():
+        pooled, stream, sched = search_forward(ad, inputs, prune, merge, proportional=True)
+    assert any(sched.merges) and (prune is None or any(sched.prunes))
+    handle.plan = TokenPlan(merges=sched.merges, prunes=sched.prunes if prune else [], proportional_attention=True)
+    with torch.no_grad():
+        compiled = handle.program()(*inputs)
+        dense = handle.program(dense=True)(*inputs)
+    cos = torch.nn.functional.cosine_similarity(pooled.double(), compiled.double(), dim=-1)
+    assert cos.min() > 0.999, cos
+    assert stream.alive == handle.plan.token_counts(n, layers)[-1]
+    # and the schedule is a real reduction: the output moved away from the dense one
+    assert torch.nn.functional.cosine_similarity(compiled, dense, dim=-1).mean() < 0.9995
+
+
+def test_budget_penalty_pulls_the_rates(minilm):
+    """From no reduction, the FLOPs penalty alone moves the expected cost towards a lower target, step by step."""
+    handle = fresh(minilm)
+    ad, n, layers = handle.adapter, handle.num_tokens, handle.num_layers
+    merge = KeptCounts(layers, n, 4, 4)
+    merge.start_at([n] * layers)
+    cost = FlopsCost(handle)
+    opt = torch.optim.Adam([merge.logits], lr=0.5)
+    inputs = make_feeds(handle, "probe")
+    seen = []
+    for _ in range(4):
+        _, _, sched = search_forward(ad, inputs, None, merge, proportional=False)
+        fraction = cost.fraction(sched.counts)
+        seen.append(fraction.item())
+        opt.zero_grad()
+        (5.0 * (fraction - 0.4) ** 2).backward()
+        assert merge.logits.grad.abs().sum() > 0
+        opt.step()
+    assert seen[-1] < seen[0] - 0.05, seen
+
+
+def test_pass_meets_budget_and_lower_budget_keeps_fewer_tokens(minilm):
+    got = {}
+    for target in (0.7, 0.5):
+        handle = fresh(minilm)
+        Pipeline([LearnedRates(flops=target, **QUICK)]).run(handle)
+        rec = handle.history[-1]
+        measured = rec["flops_after"] / rec["flops_before"]
+        assert target - 0.05 < measured <= target + 0.01, (target, measured)
+        info = rec["info"]
+        assert info["merges"] == handle.plan.merges and info["prunes"] == [] and len(info["merges"]) == handle.num_layers
+        assert abs(info["flops_fraction"] - measured) < 0.01  # the analytic cost model agrees with the captured graph
+        counts = handle.plan.token_counts(handle.num_tokens, handle.num_layers)
+        assert all(a >= b for a, b in zip(counts, counts[1:]))
+        got[target] = counts[-1]
+        with torch.no_grad():
+            out = handle.program()(*make_feeds(handle, "validation"))
+        assert torch.isfinite(out).all() and rec["probe"]["cosine_to_previous_mean"] > 0.5
+    assert got[0.5] < got[0.7]
+
+
+def test_pass_learns_pruning_for_a_class_token_model(dinov2):
+    handle = fresh(dinov2)
+    assert has_class_token(handle.adapter)
+    Pipeline([LearnedRates(flops=0.5, **QUICK)]).run(handle)
+    plan, rec = handle.plan, handle.history[-1]
+    assert len(plan.prunes) == handle.num_layers and plan.prunes[0] == 0 and plan.prune_by == "cls_attention"
+    assert rec["flops_after"] / rec["flops_before"] <= 0.51
+    assert rec["info"]["search_seconds"] > 0 and rec["probe"]["cosine_to_previous_mean"] > 0.5
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"flops": 0.5, "latency": 0.5}, "exactly one budget"),
+    ({}, "exactly one budget"),
+    ({"flops": 1.2}, "strictly between 0 and 1"),
+    ({"flops": 0.0}, "strictly between 0 and 1"),
+    ({"flops": 0.5, "prune": False, "merge": False}, "nothing to learn"),
+    ({"flops": 0.5, "steps": 0}, ">= 1"),
+])
+def test_bad_options_are_one_line_usage_errors(options, message):
+    with pytest.raises(UsageError, match=message) as e:
+        LearnedRates(**options)
+    assert "\n" not in str(e.value)
+
+
+def test_cli_refuses_two_budgets_in_one_line(tmp_path):
+    out = tmp_path / "out"
+    r = compress("run", "--model", "example:minilm", "--pass", "learned_rates:flops=0.5,latency=0.5", "--output", str(out))
+    assert r.returncode == 2 and "exactly one budget" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_pruning_a_mean_pooled_model_is_refused(minilm):
+    handle = fresh(minilm)
+    with pytest.raises(UsageError, match="class token") as e:
+        LearnedRates(flops=0.5, prune=True, **QUICK).check(handle)
+    assert "\n" not in str(e.value) and not handle.plan.active
+
+
+def test_a_token_plan_already_set_is_refused(minilm):
+    handle = fresh(minilm)
+    handle.plan = TokenPlan(merges=[4] * handle.num_layers)
+    with pytest.raises(UsageError, match="instead of token_merge"):
+        LearnedRates(flops=0.5, **QUICK).check(handle)
+
+
+@pytest.mark.slow
+def test_learned_schedule_exports_and_validates(tmp_path):
+    """The learned schedule (pruning and merging) compiles to ONNX through the ordinary build and passes validation."""
+    out = build(tmp_path, "dinov2-learned", "example:dinov2-small", [{"name": "learned_rates", "flops": 0.6, **QUICK}],
+                SMALL_IMAGE, samples=8, min_agreement=0.75, min_cosine_mean=0.7, min_cosine_p5=0.5)
+    import json
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (out / "model.onnx").exists()
+    record = next(p for p in manifest["passes"] if p["name"] == "learned_rates")
+    assert record["info"]["prunes"] and record["info"]["merges"]
