@@ -245,6 +245,14 @@ class ModelAdapter:
         return not (self.non_stock or not self.uniform_blocks or self.has_shortcuts)
 
     @property
+    def has_class_token(self) -> bool:
+        """The output is read from a class token at position 0 (vision CLS, text pooled by CLS): what class-token
+        attention pruning needs."""
+        if self.protected_per_sample < 1:
+            return False
+        return self.modality == "image" or getattr(self, "pooling", None) == "cls"
+
+    @property
     def has_shortcuts(self) -> bool:
         """SliceGPT's per_layer mode added shortcut matrices (rotations between neighbouring blocks)."""
         return any("shortcut" in name for name, _ in self.model.named_parameters())

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from compressor.program.capture import capture, graph_stats
+from compressor.program.token_cost import TokenFlops
 from compressor.errors import UsageError
 from compressor.program.encoder import MERGE_METHODS
 from compressor.program.merging import max_merge
@@ -42,21 +42,6 @@ class TokenMergeConfig:
             raise ValueError(f"decay must lie in (0, 1], got {self.decay}")
         if self.reduction is not None and not 0.0 < self.reduction < 1.0:
             raise ValueError(f"reduction must lie strictly between 0 and 1, got {self.reduction}")
-
-
-def block_flops(n_in: int, n_out: int, hidden: int, ffn: int) -> float:
-    """FLOPs of one block whose attention sees n_in tokens and whose MLP sees n_out (matmuls only)."""
-    attn = 2 * n_in * 4 * hidden * hidden + 2 * 2 * n_in * n_in * hidden
-    return attn + 2 * n_out * 2 * hidden * ffn
-
-
-def schedule_flops(merges: list[int], tokens: int, hidden: int, ffn: int) -> float:
-    """FLOPs of the blocks when layer i removes merges[i] tokens (dropped and merged alike) before its MLP."""
-    total, n = 0.0, tokens
-    for r in merges:
-        total += block_flops(n, n - r, hidden, ffn)
-        n -= r
-    return total
 
 
 def constant_schedule(r: int, tokens: int, layers: int, protected: int, decay: float = 1.0,
@@ -128,25 +113,18 @@ class TokenMerge(Pass):
     def _for_reduction(self, handle, target: float, tokens: int, layers: int, protected: int, decay: float,
                        taken: list[int], drops: list[int]) -> list[int]:
         """Smallest first-layer r whose FLOPs (blocks analytic, the rest measured on the captured graph) meet target."""
-        c = handle.adapter.config
-        blocks = handle.adapter.layers  # widths may differ per block after width_prune: the mean stands in
-        hidden, ffn = c.hidden_size, sum(l.channels for l in blocks) // len(blocks)
-        dense_blocks = schedule_flops([0] * layers, tokens, hidden, ffn)
-        total = lambda merges: schedule_flops([m + t for m, t in zip(merges, taken)], tokens, hidden, ffn)  # noqa: E731
-        measured = graph_stats(capture(handle.program(dense=True), handle.example_inputs())).flops / handle.shapes["batch"]
-        fixed = max(0.0, measured - dense_blocks)
-        dense = dense_blocks + fixed
+        cost = TokenFlops.of(handle)
+        reduction = lambda merges: cost.reduction([m + t for m, t in zip(merges, taken)])  # noqa: E731
         best = None
         for r in range(0, tokens):
             merges = constant_schedule(r, tokens, layers, protected, decay, taken, drops)
-            got = 1.0 - (total(merges) + fixed) / dense
-            if got >= target:
+            if reduction(merges) >= target:
                 best = merges
                 break
             if r > 0 and merges == constant_schedule(r - 1, tokens, layers, protected, decay, taken, drops):
                 break  # caps bind everywhere: larger r changes nothing
         if best is None:
             most = constant_schedule(tokens, tokens, layers, protected, decay, taken, drops)
-            top = 1.0 - (total(most) + fixed) / dense
+            top = reduction(most)
             raise UsageError(f"token_merge: a FLOPs reduction of {target:.0%} is out of reach; at most {top:.0%} with {tokens} tokens and {layers} layers")
         return best

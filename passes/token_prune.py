@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 
 from compressor.errors import UsageError
 from compressor.pipeline.pass_base import Pass, PassResult, register
-from compressor.program.capture import capture, graph_stats
 from compressor.program.merging import max_merge
 from compressor.program.pruning import IMPORTANCE, max_prune
 
-from .token_merge import schedule_flops
+from compressor.program.token_cost import TokenFlops
 
 
 @dataclass
@@ -49,12 +48,6 @@ def prune_cap(n: int, merges: int, protected: int) -> int:
     return max(0, min(max_prune(n, protected), n - protected - 2 * merges))
 
 
-def has_class_token(adapter) -> bool:
-    """A class token at position 0 whose final state is the output (vision CLS; text models pooled by CLS)."""
-    pooling = getattr(adapter, "pooling", "cls")
-    return adapter.modality in ("image", "text") and pooling == "cls"
-
-
 @register
 class TokenPrune(Pass):
     name = "token_prune"
@@ -66,7 +59,7 @@ class TokenPrune(Pass):
     def check(self, handle) -> None:
         super().check(handle)
         cfg: TokenPruneConfig = self.config
-        if cfg.importance == "cls_attention" and not has_class_token(handle.adapter):
+        if cfg.importance == "cls_attention" and not handle.adapter.has_class_token:
             raise UsageError(f"token_prune: importance = cls_attention needs a class token that the output is pooled from; "
                              f"this {handle.adapter.family} model pools by {getattr(handle.adapter, 'pooling', 'mean')}: use importance = attention_received")
         plan = handle.plan
@@ -121,17 +114,10 @@ class TokenPrune(Pass):
 
     def _for_reduction(self, handle, target, tokens, protected, merges, previous, first_layer) -> list[int]:
         """Smallest constant r whose FLOPs (blocks analytic, the rest measured on the captured graph) meet target."""
-        c = handle.adapter.config
-        blocks = handle.adapter.layers
-        hidden, ffn = c.hidden_size, sum(l.channels for l in blocks) // len(blocks)
-        dense_blocks = schedule_flops([0] * len(merges), tokens, hidden, ffn)
-        measured = graph_stats(capture(handle.program(dense=True), handle.example_inputs())).flops / handle.shapes["batch"]
-        fixed = max(0.0, measured - dense_blocks)
-        dense = dense_blocks + fixed
+        cost = TokenFlops.of(handle)
 
         def reduction(prunes):
-            taken = [m + p + q for m, p, q in zip(merges, previous, prunes)]
-            return 1.0 - (schedule_flops(taken, tokens, hidden, ffn) + fixed) / dense
+            return cost.reduction([m + p + q for m, p, q in zip(merges, previous, prunes)])
 
         last = None
         for r in range(0, tokens):

@@ -13,7 +13,8 @@ from compressor.pipeline.recipe import recipe_from_dict
 
 def minilm_recipe(**extra):
     return recipe_from_dict({"model": {"source": "example:minilm"}, "export": {"batch": 4, "seq_len": 64},
-                             "validation": {"samples": 16}, **extra})
+                             # merging and pruning on texts that fill 64 tokens: the budget is under test, not the bar
+                             "validation": {"samples": 16, "min_cosine_mean": 0.8, "min_cosine_p5": 0.5}, **extra})
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -45,7 +46,8 @@ def test_budget_is_met_and_recorded(spec, driver, tmp_path):
     recorded = json.loads((tmp_path / "out" / "manifest.json").read_text())["budget"]
     assert recorded["requested"][budget.key] == budget.value
     assert recorded["within_tolerance"]
-    assert abs(recorded["measured"][budget.key] - budget.value) <= budget.tolerance * budget.value
+    assert recorded["measured"][budget.key] <= budget.value * (1 + budget.tolerance)  # a ceiling
+    assert recorded["measured"][budget.key] >= budget.value - 0.1  # and not far below it
     # the artifact is published and nothing of the search is left beside it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

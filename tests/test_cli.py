@@ -3,6 +3,7 @@
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -172,3 +173,11 @@ def test_inspect_a_model_folder(minilm_folder):
     assert done.returncode == 0, done.stderr
     info = json.loads(done.stdout)
     assert info["model"]["family"] == "bert" and info["model"]["layers"] == 6 and info["flops"] > 0
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "examples").glob("*.toml")))
+def test_every_example_recipe_resolves(recipe, capsys):
+    """Every bundled recipe parses and resolves (its passes and options exist) without loading the model."""
+    done = compress_in_process(capsys, "run", f"examples/{recipe}", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "[model]" in done.stdout

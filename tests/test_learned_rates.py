@@ -9,7 +9,6 @@ import torch
 from compressor import Pipeline
 from compressor.errors import UsageError
 from compressor.passes import LearnedRates
-from compressor.passes.learned_rates import has_class_token
 from compressor.passes.learned_rates.cost import FlopsCost
 from compressor.passes.learned_rates.rates import KeptCounts
 from compressor.passes.learned_rates.search import search_forward
@@ -115,7 +114,7 @@ def test_pass_meets_budget_and_lower_budget_keeps_fewer_tokens(minilm):
 
 def test_pass_learns_pruning_for_a_class_token_model(dinov2):
     handle = fresh(dinov2)
-    assert has_class_token(handle.adapter)
+    assert handle.adapter.has_class_token
     Pipeline([LearnedRates(flops=0.5, **QUICK)]).run(handle)
     plan, rec = handle.plan, handle.history[-1]
     assert len(plan.prunes) == handle.num_layers and plan.prunes[0] == 0 and plan.prune_by == "cls_attention"

@@ -82,7 +82,7 @@ class _Reference(torch.nn.Module):
 
 def dense_fused(manifest: dict) -> tuple[Path, dict]:
     """The fused dense baseline and its record (exporter, fused operator counts)."""
-    from compressor.export.onnx import OUTPUT_NAME, _quiet
+    from compressor.export.onnx import EXPORT_LOGGERS, OUTPUT_NAME, quiet
     from compressor.export.optimize import fuse_transformer
 
     folder = _folder(manifest, "fused")
@@ -93,7 +93,7 @@ def dense_fused(manifest: dict) -> tuple[Path, dict]:
     folder.mkdir(parents=True, exist_ok=True)
     raw = folder / "unfused.onnx"
     try:
-        with _quiet(), torch.no_grad():
+        with quiet(*EXPORT_LOGGERS), torch.no_grad():
             torch.onnx.export(_Reference(handle.adapter).eval(), tuple(example), str(raw), dynamo=False,
                               input_names=names, output_names=[OUTPUT_NAME], opset_version=17,
                               dynamic_axes=dict(zip(names, _dynamic_axes(handle))))

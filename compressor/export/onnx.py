@@ -20,9 +20,10 @@ OPSET = 18
 
 
 @contextlib.contextmanager
-def _quiet():
-    """The exporter prints progress and warns about optional torchvision ops; keep the user's terminal clean."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
+def quiet(*logger_names: str):
+    """Exporters, optimizers and quantizers print progress and advice on every call: keep the user's terminal clean
+    (these loggers at ERROR, warnings and stdout swallowed) for the duration."""
+    loggers = [logging.getLogger(n) if n else logging.getLogger() for n in logger_names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -35,6 +36,9 @@ def _quiet():
             lg.setLevel(lv)
 
 
+EXPORT_LOGGERS = ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")
+
+
 def lower_to_onnx(program: torch.export.ExportedProgram, example_inputs, input_names: list[str], path: Path) -> Path:
     """Write `path` as a checked ONNX model (portable: no onnxruntime-specific fused ops are baked in)."""
     return _lower(program, example_inputs, input_names, [OUTPUT_NAME], path, "ONNX lowering")
@@ -43,7 +47,7 @@ def lower_to_onnx(program: torch.export.ExportedProgram, example_inputs, input_n
 def _lower(program: torch.export.ExportedProgram, example_inputs, input_names, output_names, path: Path, what: str) -> Path:
     """Translate a captured program to ONNX, save it, run the ONNX checker and build onnxruntime's optimised session."""
     try:
-        with _quiet(), torch.no_grad():
+        with quiet(*EXPORT_LOGGERS), torch.no_grad():
             onnx_program = torch.onnx.export(
                 program, tuple(example_inputs), dynamo=True, input_names=input_names,
                 output_names=output_names, optimize=True, verbose=False, opset_version=OPSET,
@@ -82,7 +86,7 @@ def lower_decoder_to_onnx(program: torch.nn.Module, adapter, path: Path) -> Path
     inputs, outputs = decoder_io_names(len(adapter.layers))
     args = (ids, mask, *past)
     try:
-        with _quiet(), torch.no_grad():
+        with quiet(*EXPORT_LOGGERS), torch.no_grad():
             exported = torch.export.export(program, args, dynamic_shapes=dynamic, strict=False)
     except Exception as e:
         raise CompressorError(f"torch.export could not capture the decoder: {type(e).__name__}: {str(e).splitlines()[0]}") from e

@@ -7,15 +7,12 @@ onnxruntime's Attention fusion does not recognise: what did fuse is recorded, ne
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import shutil
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from compressor.errors import UsageError
+from compressor.export.onnx import quiet
 
 QUANTIZE_MODES = ("none", "int8-dynamic")
 OPTIONS_KEYS = {"fuse", "quantize", "per_channel"}
@@ -53,22 +50,8 @@ def export_options(raw: dict | ExportOptions | None, where: str = "[export]") ->
     return ExportOptions(**values)
 
 
-@contextlib.contextmanager
-def _quiet():
-    """The optimizer and quantizer log shape-inference retries and advice on every call; keep the terminal clean."""
-    root = logging.getLogger()
-    names = ["onnxruntime", "onnxruntime.transformers", "fusion_base", "onnx_model", "optimizer"]
-    loggers = [root] + [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
+# the optimizer and quantizer log shape-inference retries and advice on every call (some on the root logger)
+ORT_LOGGERS = ("", "onnxruntime", "onnxruntime.transformers", "fusion_base", "onnx_model", "optimizer")
 
 
 def fuse_transformer(src: Path, dst: Path, model_type: str, num_heads: int, hidden_size: int, ours: bool = True) -> dict:
@@ -88,7 +71,7 @@ def fuse_transformer(src: Path, dst: Path, model_type: str, num_heads: int, hidd
         fusion = FusionOptions(kind)
         fusion.enable_shape_inference = False
         settings = {"opt_level": 0, "optimization_options": fusion}
-    with _quiet():
+    with quiet(*ORT_LOGGERS):
         model = optimize_model(str(src), model_type=kind, num_heads=num_heads, hidden_size=hidden_size, **settings)
         stats = model.get_fused_operator_statistics()
         model.save_model_to_file(str(dst))
@@ -102,7 +85,7 @@ def quantize_int8_dynamic(src: Path, dst: Path, per_channel: bool = True) -> dic
 
     # fused contrib ops defeat ONNX shape inference: their outputs are float32, which the quantizer must be told
     extra = {"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT}
-    with _quiet():
+    with quiet(*ORT_LOGGERS):
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel, extra_options=extra)
     return {"mode": "int8-dynamic", "per_channel": per_channel, "quantized_ops": _count_ops(dst, "Integer", "Quant")}
 

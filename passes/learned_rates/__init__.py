@@ -65,13 +65,6 @@ class LearnedRatesConfig:
             raise ValueError("lr must lie in (0, 10) and hidden_weight be >= 0")
 
 
-def has_class_token(adapter) -> bool:
-    """Whether the model's output is read from a class token at position 0 (what class-attention pruning needs)."""
-    if adapter.protected_per_sample < 1:
-        return False
-    return adapter.modality == "image" or getattr(adapter, "pooling", None) == "cls"
-
-
 @register
 class LearnedRates(Pass):
     name = "learned_rates"
@@ -83,7 +76,7 @@ class LearnedRates(Pass):
     def check(self, handle) -> None:
         super().check(handle)
         cfg: LearnedRatesConfig = self.config
-        if cfg.prune and not has_class_token(handle.adapter):
+        if cfg.prune and not handle.adapter.has_class_token:
             raise UsageError(f"learned_rates: prune = true needs a model pooled from a class token; this "
                              f"{handle.adapter.family} model pools otherwise (use prune = false: merging only)")
         if handle.plan.active:
@@ -96,7 +89,7 @@ class LearnedRates(Pass):
         cfg: LearnedRatesConfig = self.config
         ad = handle.adapter
         tokens, layers, protected = handle.num_tokens, handle.num_layers, ad.protected_per_sample
-        use_prune = has_class_token(ad) if cfg.prune is None else cfg.prune
+        use_prune = ad.has_class_token if cfg.prune is None else cfg.prune
         floor = protected + 2
         prune = KeptCounts(layers, tokens, floor, cfg.granularity) if use_prune else None
         merge = KeptCounts(layers, tokens, floor, cfg.granularity) if cfg.merge else None

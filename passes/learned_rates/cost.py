@@ -1,7 +1,6 @@
 """Cost models: the fraction of the dense cost a token schedule keeps, differentiable in the per-layer counts.
 
-FLOPs: each block's matmuls, analytic in the tokens its attention sees and the tokens its MLP sees (token_merge's
-`block_flops`, with each block's own MLP width), plus what lies outside the blocks (embeddings, pooling) measured
+FLOPs: each block's matmuls, analytic in the tokens its attention sees and the tokens its MLP sees (`block_flops`, with each block's own MLP width), plus what lies outside the blocks (embeddings, pooling) measured
 once on the captured dense graph, so the fraction is the one `compress inspect` reports.
 """
 
@@ -9,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from compressor.passes.token_merge import block_flops
-from compressor.program.capture import capture, graph_stats
+from compressor.program.token_cost import block_flops, dense_graph_flops
 
 
 class FlopsCost:
@@ -30,14 +28,6 @@ class FlopsCost:
         for (n_in, n_out), width in zip(counts, self.widths):
             total = total + block_flops(n_in, n_out, self.hidden, width)
         return total / self.dense
-
-
-def dense_graph_flops(handle) -> int:
-    """FLOPs of the dense program's captured graph: the pipeline's baseline when no pass ran before (the model is
-    still the one loaded), else captured now."""
-    if handle.baseline is not None and not handle.history:
-        return handle.baseline.flops
-    return graph_stats(capture(handle.program(dense=True), handle.example_inputs())).flops
 
 
 def hard_counts(prunes: list[int], merges: list[int], tokens: int) -> list[tuple[int, int]]:
