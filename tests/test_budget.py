@@ -61,3 +61,13 @@ def test_budget_command_refuses_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
     assert not (tmp_path / "o").exists()
+
+
+def test_speed_search_interpolates_between_attempts_that_bracket_the_target():
+    from compressor.pipeline.budget import next_keep
+
+    # one attempt too slow: remove FLOPs in proportion to the speed-up still missing
+    assert next_keep([(0.67, 1.32)], 1.5) < 0.67
+    # one too slow, one too fast: the next lies between them, nearer the one whose speed-up is nearer the target
+    k = next_keep([(0.67, 1.32), (0.59, 1.69)], 1.5)
+    assert 0.59 < k < 0.67 and abs(k - 0.631) < 0.005

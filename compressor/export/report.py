@@ -18,7 +18,8 @@ from pathlib import Path
 from compressor.errors import UsageError
 
 # Quality keys the benchmarks and manifests write, best first; each is "higher is better" except perplexity.
-QUALITY_KEYS = ("lee_pearson", "probe_accuracy", "cls_cosine_mean", "cosine_to_dense_mean", "cosine", "perplexity_ratio", "quality")
+QUALITY_KEYS = ("lee_pearson", "probe_accuracy", "cls_cosine_mean", "cosine_to_dense_mean", "cosine_mean", "cosine",
+                "perplexity_ratio", "quality")
 LOWER_IS_BETTER = {"perplexity_ratio"}
 
 
@@ -101,7 +102,7 @@ def row_from_bench(r: dict, group: str) -> Row:
         group=group,
         speedup=r.get("speedup"),
         latency_ms=r.get("latency_ms") or r.get("ms"),
-        flops_ratio=r.get("flops_ratio"),
+        flops_ratio=r.get("flops_ratio") or (1.0 / r["flops_kept"] if r.get("flops_kept") else None),
         quality=quality,
         token_counts=r.get("token_counts"),
     )
@@ -211,7 +212,7 @@ def write_report(artifacts: list[str | Path], output: str | Path, sweeps: list[s
     keys = [k for k in QUALITY_KEYS if any(k in r.quality and (r.speedup or r.flops_ratio) for r in rows)]
     images: dict[str, bytes] = {}
     if keys:
-        images["quality_vs_speed.png"] = png(plot_quality_speed(rows, keys[:4]))
+        images["quality_vs_speed.png"] = png(plot_quality_speed(rows, keys[:6]))
     layers = plot_layers([r for r in rows if r.group == "artifacts"] or rows)
     if layers is not None:
         images["per_layer.png"] = png(layers)

@@ -138,7 +138,7 @@ def search_speed(budget: Budget, build, scratch: list[Path], step):
     from compressor.export.bench import bench_artifact
 
     target = budget.value if budget.key == "speedup" else None  # latency_ms: known once the dense model is timed
-    keep, best = (1.0 / target if target else 0.6), None
+    keep, best, tried = (1.0 / target if target else 0.6), None, []
     for i, folder in enumerate(scratch):
         keep = min(max(keep, 0.05), 0.95)
         step(f"budget attempt {i + 1}: keeping {keep:.0%} of the dense FLOPs")
@@ -164,5 +164,18 @@ def search_speed(budget: Budget, build, scratch: list[Path], step):
             best = (folder, manifest, measured, missed)
         if missed <= budget.tolerance:
             break
-        keep *= speedup / target  # remove FLOPs in proportion to the speed-up still missing
+        tried.append((keep, speedup))
+        keep = next_keep(tried, target)
     return best
+
+
+def next_keep(tried: list[tuple[float, float]], target: float) -> float:
+    """The next FLOPs fraction to try: interpolated between the closest attempts on either side of the target
+    speed-up once there are such, else the last one rescaled by the speed-up still missing."""
+    below = [t for t in tried if t[1] < target]
+    above = [t for t in tried if t[1] >= target]
+    if below and above:
+        (k0, s0), (k1, s1) = max(below, key=lambda t: t[1]), min(above, key=lambda t: t[1])
+        return k0 + (k1 - k0) * (target - s0) / max(s1 - s0, 1e-9)
+    keep, speedup = tried[-1]
+    return keep * speedup / target
