@@ -69,11 +69,10 @@ def run(
         parsed.validation["samples"] = samples
     parsed_budget = None
     if budget is not None:
-        from compressor.pipeline.budget import parse_budget
+        from compressor.pipeline.budget import check_budget_recipe, parse_budget
 
         parsed_budget = parse_budget(budget)
-        if parsed.passes:
-            raise UsageError("--budget picks the passes itself; give either --budget or passes (--pass or a recipe's [[passes]]), not both")
+        check_budget_recipe(parsed)
     err, out = consoles()
     if dry_run:
         from compressor.pipeline.recipe import resolve_recipe

@@ -38,7 +38,7 @@ class Row:
     channels: list[int] | None = None
     passes: str = ""
     recipe: dict | None = None
-    baselines: dict | None = None
+    distributions: dict | None = None  # bench.json's speed-up over each dense baseline, per input-length distribution
 
 
 def artifact_row(path: Path) -> Row:
@@ -64,7 +64,7 @@ def artifact_row(path: Path) -> Row:
         bench = json.loads(bench_file.read_text())
         row.speedup = bench.get("speedup")
         row.latency_ms = bench.get("compressed_ms")
-        row.baselines = bench.get("distributions")
+        row.distributions = bench.get("distributions")
     return row
 
 
@@ -184,7 +184,7 @@ def table(rows: list[Row], keys: list[str]) -> str:
 def baselines_table(rows: list[Row]) -> str:
     parts = []
     for r in rows:
-        for dist, entry in (r.baselines or {}).items():
+        for dist, entry in (r.distributions or {}).items():
             cells = ", ".join(f"vs {k} {fmt(v.get('speedup'), 2)}x" for k, v in entry.get("baselines", {}).items())
             tokens = f" ({entry['real_tokens_mean']:.0f} real tokens on average)" if "real_tokens_mean" in entry else ""
             parts.append(f"<li>{html.escape(r.label)}, {html.escape(str(dist))}{tokens}: {cells}</li>")

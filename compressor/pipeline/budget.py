@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compressor.errors import UsageError, ValidationFailed
+from compressor.runtime.artifact import MANIFEST
 
 KEYS = ("speedup", "flops", "params", "latency_ms")
 TOLERANCE = 0.05  # measured speed-up may miss the requested one by 5% (the issue's bar)
@@ -62,6 +63,12 @@ def parse_budget(spec: str) -> Budget:
     return Budget(key, v)
 
 
+def check_budget_recipe(recipe) -> None:
+    """A budget picks the passes: a recipe that names its own is refused (one line), before anything loads."""
+    if recipe.passes:
+        raise UsageError("--budget picks the passes itself; give either --budget or passes (--pass or a recipe's [[passes]]), not both")
+
+
 def passes_for(handle, keep_flops: float | None = None, keep_params: float | None = None) -> list:
     """The passes that bring `handle` to a FLOPs or parameter fraction of its dense self."""
     from compressor.passes import TokenMerge, WidthPrune
@@ -96,8 +103,7 @@ def run_budget(recipe, budget: Budget, output, *, force: bool = False, progress=
     from compressor.pipeline.recipe import resolve_recipe
     from compressor.program.handle import load
 
-    if recipe.passes:
-        raise UsageError("--budget picks the passes itself; give either --budget or passes (--pass or a recipe's [[passes]]), not both")
+    check_budget_recipe(recipe)
     step = progress or (lambda msg: None)
     output = Path(output)
     check_output(output, force)
@@ -115,7 +121,7 @@ def run_budget(recipe, budget: Budget, output, *, force: bool = False, progress=
     try:
         if not budget.measured:
             manifest = build(budget.value, scratch[0])
-            chosen, measured = scratch[0], analytic_measure(budget.key, manifest)
+            chosen, measured = scratch[0], analytic_measure(manifest)
             missed = max(0.0, measured[budget.key] - budget.value) / budget.value  # a ceiling: keeping less is meeting it
         else:
             chosen, manifest, measured, missed = search_speed_with_int8(recipe, budget, build, scratch, step)
@@ -123,7 +129,7 @@ def run_budget(recipe, budget: Budget, output, *, force: bool = False, progress=
         if missed > budget.tolerance:
             raise ValidationFailed(f"budget missed: requested {budget.key}={budget.value}, measured {measured[budget.key]:.3g} "
                                    f"({missed:.0%} off, tolerance {budget.tolerance:.0%}); nothing published")
-        (chosen / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        (chosen / MANIFEST).write_text(json.dumps(manifest, indent=2))
         publish(chosen, output)
         return manifest
     finally:
@@ -159,7 +165,8 @@ def is_language_model(recipe) -> bool:
     return adapter_for(read_model_type(folder, recipe.source)).modality == "causal_lm"
 
 
-def analytic_measure(key: str, manifest: dict) -> dict:
+def analytic_measure(manifest: dict) -> dict:
+    """The FLOPs and parameter fractions the compiled artifact keeps, from its manifest."""
     return {"flops": manifest["flops"]["compressed"] / manifest["flops"]["dense"],
             "params": manifest["params"]["compressed"] / manifest["params"]["dense"]}
 
@@ -192,7 +199,7 @@ def search_speed(budget: Budget, build, scratch: list[Path], step):
                 raise UsageError(f"--budget latency_ms={budget.value}: the dense model already runs in {bench['dense_ms']:.0f} ms here")
         speedup = bench["speedup"]
         measured = {"speedup": speedup, "latency_ms": bench["compressed_ms"], "dense_ms": bench["dense_ms"],
-                    "flops": manifest["flops"]["compressed"] / manifest["flops"]["dense"]}
+                    "flops": analytic_measure(manifest)["flops"]}
         missed = abs(speedup - target) / target
         step(f"budget attempt {i + 1}: measured {speedup:.2f}x, requested {target:.2f}x")
         if best is None or missed < best[3]:
