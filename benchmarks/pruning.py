@@ -2,7 +2,9 @@
 and compensation, and SliceGPT at the same parameters, with baselines that remove by position (deepest blocks) and
 by weight magnitude; optionally the onnxruntime speed of each artifact against the dense export (one run each).
 
-    python benchmarks/pruning.py --out benchmarks/pruning_smollm2.json [--windows 16] [--speed]
+    python benchmarks/pruning.py --out benchmarks/pruning_smollm2.json [--windows 16] [--speed] [--only NAME,...]
+
+Rows of an earlier run with the same number of windows are kept; a variant run again replaces its row.
 
 Perplexity: held-out 512-token windows of the Wikipedia extract (the last 20% of the articles; calibration reads only
 the first 80%), PyTorch program, as in benchmarks/slicegpt_protocol.py. Speed (--speed): `compress bench` of the
@@ -38,6 +40,13 @@ VARIANTS = {
         ("width_prune fisher, least_squares", [("width_prune", {"params": 0.85, "importance": "fisher", "compensate": "least_squares", **CAL})]),
         ("slicegpt portable 15%, tied head", [("slicegpt", {"sparsity": 0.15, "tie_head": True, "normalize_tokens": True})]),
     ],
+    0.75: [
+        ("layer_prune block_influence", [("layer_prune", {"params": 0.75, "metric": "block_influence", **CAL})]),
+        ("layer_prune angular", [("layer_prune", {"params": 0.75, "metric": "angular", **CAL})]),
+        ("width_prune activation, least_squares", [("width_prune", {"params": 0.75, "importance": "activation", "compensate": "least_squares", **CAL})]),
+        ("width_prune fisher, least_squares", [("width_prune", {"params": 0.75, "importance": "fisher", "compensate": "least_squares", **CAL})]),
+        ("slicegpt portable 25%, tied head", [("slicegpt", {"sparsity": 0.25, "tie_head": True, "normalize_tokens": True})]),
+    ],
 }
 
 
@@ -72,14 +81,20 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--speed", action="store_true", help="compile each variant and time it against the dense export")
     ap.add_argument("--only", default="", help="comma-separated substrings of variant names to run")
+    ap.add_argument("--targets", default="0.85,0.75", help="comma-separated parameter fractions to run")
     args = ap.parse_args()
     dense = load("example:smollm2")
     windows = held_out_windows(dense.adapter.tokenizer_file, 512, args.windows)
     base = torch_perplexity(program_logits(dense.program(), dense.adapter), windows)
     result = {"model": "SmolLM2-135M-Instruct", "windows": len(windows), "window_len": 512, "dense_perplexity": base, "rows": []}
+    earlier = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    if earlier.get("windows") == len(windows):  # same protocol: keep the rows this run does not redo
+        result["rows"] = earlier.get("rows", [])
     print(f"dense perplexity {base:.2f} on {len(windows)} x 512 held-out tokens", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for target, variants in VARIANTS.items():
+            if target not in [float(t) for t in args.targets.split(",")]:
+                continue
             for name, passes in variants:
                 if args.only and not any(s in name for s in args.only.split(",")):
                     continue
@@ -87,7 +102,7 @@ def main() -> int:
                 row = {"variant": name, "target_params": target, **got["row"], "perplexity_ratio": got["row"]["perplexity"] / base}
                 if args.speed:
                     row["speed"] = speed(got["handle"], Path(tmp))
-                result["rows"].append(row)
+                result["rows"] = [r for r in result["rows"] if (r["variant"], r["target_params"]) != (name, target)] + [row]
                 print(f"{name:45s} params {row['params_ratio']:.3f}  ppl {row['perplexity']:8.2f} ({row['perplexity_ratio']:.2f}x)"
                       f"  {row['prune_seconds']:6.1f} s" + (f"  speed {row['speed']}" if args.speed else ""), flush=True)
                 Path(args.out).write_text(json.dumps(result, indent=2))

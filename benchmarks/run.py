@@ -4,6 +4,7 @@
     python benchmarks/run.py --only dinov2-slicing --out benchmarks/dinov2_slicing.json
     python benchmarks/run.py --only minilm-pruning --out benchmarks/minilm_pruning.json   (and dinov2-pruning)
     python benchmarks/run.py --only token-reduction --out benchmarks/token_reduction.json
+    python benchmarks/run.py --only pruning-targets --out benchmarks/pruning_targets.json
 
 Rows: PyTorch eager dense, onnxruntime dense, onnxruntime compressed at several r. Columns: latency (median of
 interleaved runs), speed-up vs onnxruntime dense, FLOPs ratio (dense/compressed, counted on the captured graphs),
@@ -126,6 +127,24 @@ def bench_minilm_pruning(repeats: int, workdir: Path) -> dict:
         [("layer_prune", {"blocks": 1})], [("layer_prune", {"blocks": 1, "metric": "greedy"})],
         [width(0.8), merge], [width(0.9), merge],
     ], repeats, workdir)
+
+
+def bench_pruning_targets(repeats: int, workdir: Path) -> dict:
+    """The structured-pruning targets in FP32 (no fusions, no INT8), against the dense export at the same shapes:
+    pruning + merging aimed at 2.0x, with widths chosen by FLOPs or by a measured latency budget."""
+    def lat(keep: float, **more) -> tuple:
+        return ("width_prune", {"latency": keep, "importance": "activation", "compensate": "least_squares", **more})
+    merge_text = ("token_merge", {"reduction": 0.36, "decay": 0.5, "proportional_attention": False})
+    for sub in ("minilm", "dinov2"):
+        (workdir / sub).mkdir()
+    minilm = _bench_minilm([[lat(0.7)], [width(0.7)], [lat(0.7), merge_text], [width(0.7), merge_text],
+                            [width(0.6), merge_text]], repeats, workdir / "minilm")
+    dinov2 = _bench_dinov2([[lat(0.7, uniform=True)], [width(0.8, uniform=True), ("token_merge", {"r": 12})],
+                            [width(0.8, uniform=True), ("token_merge", {"r": 16})],
+                            [width(0.7, uniform=True), ("token_merge", {"r": 12})],
+                            [lat(0.7, uniform=True), ("token_merge", {"r": 12})]], repeats, workdir / "dinov2")
+    return {"example": "minilm-small + dinov2-small", "shapes": {}, "minilm": minilm, "dinov2": dinov2,
+            "rows": [{**r, "name": f"minilm {r['name']}"} for r in minilm["rows"]] + [{**r, "name": f"dinov2 {r['name']}"} for r in dinov2["rows"]]}
 
 
 def _bench_minilm(settings: list, repeats: int, workdir: Path) -> dict:
@@ -273,7 +292,7 @@ def print_table(result: dict) -> None:
 
 BENCHES = {"minilm": bench_minilm, "dinov2": bench_dinov2, "dinov2-slicing": bench_dinov2_slicing,
            "minilm-pruning": bench_minilm_pruning, "dinov2-pruning": bench_dinov2_pruning,
-           "token-reduction": bench_token_reduction}
+           "token-reduction": bench_token_reduction, "pruning-targets": bench_pruning_targets}
 
 
 def main() -> int:
@@ -281,7 +300,7 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results.json")
     parser.add_argument("--only", choices=list(BENCHES),
                         help="one benchmark; the SliceGPT and pruning studies (dinov2-slicing, minilm-pruning, "
-                             "dinov2-pruning, token-reduction) run only when named")
+                             "dinov2-pruning, token-reduction, pruning-targets) run only when named")
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(THREADS)

@@ -129,19 +129,19 @@ class LayerPrune(Pass):
         return PassResult(modified=True, info=info)
 
     def _greedy(self, handle, batches, candidates, costs, need):
-        """SLEB: each round removes the block whose absence costs the least calibration loss, given those already gone."""
+        """SLEB: each round removes the block whose absence costs the least calibration loss, given those already gone.
+        A candidate's run starts from its own input, computed once per round (the blocks before it are unchanged)."""
         reference = [walk(handle, b).output for b in batches] if handle.adapter.modality != "causal_lm" else [None] * len(batches)
-
-        def loss(skip: set[int]) -> float:
-            return sum(float(output_loss(handle, walk(handle, b, skip).output, r, b[0])) for b, r in zip(batches, reference)) / len(batches)
-
         removed: set[int] = set()
         trace = []
         while sum(costs[i] for i in removed) < need:
             options = [i for i in candidates if i not in removed]
             if not options:
                 break
-            scores = {i: loss(removed | {i}) for i in options}
+            kept = [i for i in range(handle.num_layers) if i not in removed]
+            inputs = [dict(zip(kept, walk(handle, b, removed, keep_states=True).states)) for b in batches]
+            scores = {i: sum(float(output_loss(handle, walk(handle, b, removed | {i}, start=i, x=at[i]).output, r, b[0]))
+                             for b, r, at in zip(batches, reference, inputs)) / len(batches) for i in options}
             best = min(scores, key=scores.get)
             removed.add(best)
             trace.append({"block": best, "loss": round(scores[best], 5)})

@@ -51,12 +51,34 @@ def run_in_batches(run, feeds: dict[str, np.ndarray], batch: int) -> np.ndarray:
     return np.concatenate(out)
 
 
+def bucket_graphs(manifest: dict) -> list[tuple[int, str]]:
+    """(seq_len, model file) of every static text graph, shortest first, the compiled seq_len last; [] for an
+    artifact compiled without length buckets."""
+    entries = manifest.get("export", {}).get("buckets") or []
+    return sorted((int(e["seq_len"]), e["model_file"]) for e in entries)
+
+
+def route(feeds: dict[str, np.ndarray], seq_lens: list[int]):
+    """Yield (seq_len, row indices, feeds cut to seq_len) per bucket that gets texts: each text goes to the smallest
+    bucket that holds its real length (feeds are right-padded to the longest bucket, so cutting loses no token)."""
+    lengths = feeds["attention_mask"].sum(1)
+    which = np.minimum(np.searchsorted(seq_lens, lengths, side="left"), len(seq_lens) - 1)
+    for k, seq_len in enumerate(seq_lens):
+        rows = np.flatnonzero(which == k)
+        if len(rows):
+            yield seq_len, rows, {name: np.ascontiguousarray(v[rows, :seq_len]) for name, v in feeds.items()}
+
+
 class CompiledModel:
     def __init__(self, folder: Path, manifest: dict, providers=None, threads: int | None = None,
                  allow_fallback: bool = False):
         self.folder = folder
         self.manifest = manifest
         self.session = make_session(folder / manifest["model_file"], providers, threads, allow_fallback)
+        # length buckets: seq_len -> session, the compiled seq_len's being self.session ({} without buckets)
+        self.buckets = {seq: self.session if file == manifest["model_file"] else
+                        make_session(folder / file, providers, threads, allow_fallback)
+                        for seq, file in bucket_graphs(manifest)}
         self.inputs = {i["name"]: i for i in manifest["inputs"]}
         self.outputs = [o["name"] for o in manifest["outputs"]]
         first = manifest["inputs"][0]["shape"][0]
@@ -94,11 +116,21 @@ class CompiledModel:
             return np.zeros((0,) + tuple(self.manifest["outputs"][0]["shape"][1:]), np.float32)
         return run_in_batches(lambda chunk: self.run(chunk)[self.outputs[0]], feeds, self.batch)
 
+    def _run_routed(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Each text through the smallest length bucket that holds it, in static batches; rows in input order."""
+        n = next(iter(feeds.values())).shape[0]
+        out = np.zeros((n,) + tuple(self.manifest["outputs"][0]["shape"][1:]), np.float32)
+        for seq_len, rows, part in route(feeds, sorted(self.buckets)):
+            session = self.buckets[seq_len]
+            out[rows] = run_in_batches(lambda chunk: session.run(self.outputs[:1], chunk)[0], part, self.batch)
+        return out
+
     def embed(self, texts: list[str]) -> np.ndarray:
         """Embed texts with a text encoder: tokenize, pad/truncate to the compiled length, batch, pool.
 
         Longer texts are cut to the compiled length (fixed at compile time); the first time that happens a
-        TruncationWarning says how many, once per model, so a long-document workload does not go unnoticed.
+        TruncationWarning says how many, once per model, so a long-document workload does not go unnoticed. An
+        artifact compiled with length buckets runs each text in the shortest graph that holds it.
         """
         texts = as_list(texts, "embed()", "strings", lambda t: isinstance(t, str))
         if self.kind != "text":
@@ -113,7 +145,7 @@ class CompiledModel:
             warnings.warn(f"{cut} of {len(texts)} texts are longer than this artifact's compiled length of "
                           f"{self._preprocessor.seq_len} tokens and were truncated to it (compile with a larger "
                           f"--seq-len to keep more); shown once per model", TruncationWarning, stacklevel=2)
-        return self._run_padded(feeds)
+        return self._run_routed(feeds) if self.buckets else self._run_padded(feeds)
 
     def embed_images(self, images) -> np.ndarray:
         """Embed PIL images or uint8 arrays with a vision encoder (resized and normalised as compiled)."""

@@ -112,6 +112,21 @@ def test_pass_meets_budget_and_lower_budget_keeps_fewer_tokens(minilm):
     assert got[0.5] < got[0.7]
 
 
+def test_latency_budget_becomes_a_measured_flops_target(minilm):
+    """A latency budget times the dense program and a constant merging schedule, converts the budget into the FLOPs
+    fraction the line through them predicts, searches at it, and times the result. The timings are not asserted
+    (speed targets live in benchmarks); the conversion and the records are."""
+    handle = load("example:minilm")  # the example's 16 x 128: at the small test shapes timing noise rivals merging's gain
+    Pipeline([LearnedRates(latency=0.7, **QUICK)]).run(handle)
+    info = handle.history[-1]["info"]
+    lat = info["latency"]
+    assert set(lat["measured_ms"]) == {"dense", "reference"} and set(lat["check_ms"]) == {"dense", "learned"}
+    assert 0.0 < lat["flops_target"] < 1.0 and abs(info["flops_target"] - lat["flops_target"]) < 1e-3
+    assert info["flops_fraction"] <= lat["flops_target"] + 1e-6
+    predicted = lat["fixed_fraction"] + (1 - lat["fixed_fraction"]) * info["flops_fraction"]
+    assert abs(lat["predicted_ratio"] - predicted) < 1e-3 and lat["predicted_ratio"] <= 0.7 + 0.02
+
+
 def test_pass_learns_pruning_for_a_class_token_model(dinov2):
     handle = fresh(dinov2)
     assert handle.adapter.has_class_token

@@ -93,6 +93,27 @@ def test_compensation_helps():
     assert cosine["bias"] > cosine["none"], cosine
 
 
+def test_width_prune_latency_budget_prices_units_by_measurement():
+    """A latency budget times the real exported graph (as it stands, fewer heads, fewer channels), prices heads and
+    channels per FLOP from it, spends the budget in milliseconds, and times the result against the dense model.
+    The timings themselves are not asserted (benchmarks hold speed targets); the bookkeeping is."""
+    handle = load("example:minilm", **SMALL_TEXT)
+    Pipeline([WidthPrune(latency=0.8, importance="activation", **FEW)]).run(handle)
+    record = handle.history[0]
+    budget = record["info"]["budget"]
+    lat = budget["latency"]
+    assert budget["kind"] == "latency" and set(lat["measured_ms"]) == {"now", "heads", "channels"}
+    assert all(v > 0 for v in lat["ms_per_gflop"].values())
+    attempts = lat["attempts"]
+    assert 0.75 <= attempts[0]["predicted_ratio"] <= 0.8  # the first attempt spends the budget by the price table
+    assert 1 <= len(attempts) <= 3 and lat["measured_ratio"] == attempts[-1]["measured_ratio"] > 0
+    assert all(set(a["check_ms"]) == {"dense", "pruned"} for a in attempts)  # each attempt timed against dense
+    if len(attempts) > 1:  # re-spent because the first measurement missed the tolerance
+        assert abs(attempts[0]["measured_ratio"] - 0.8) > 0.03
+    assert record["flops_after"] < record["flops_before"]
+    assert program_matches_transformers(handle)
+
+
 def test_smollm2_uniform_heads_reload(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -161,6 +182,7 @@ def test_dinov2_prune_and_merge_compile(tmp_path):
     ("layer_prune:params=1.5", "must lie in (0, 1)"),
     ("width_prune:params=0.9,heads=false,mlp=false", "nothing may be removed"),
     ("width_prune:params=0.9,importance=taylor", "importance must be one of"),
+    ("width_prune:params=0.9,latency=0.8", "exactly one budget: params, flops or latency"),
 ])
 def test_bad_budgets_one_line(tmp_path, spec, fragment):
     done = compress("run", "--model", "example:minilm", "--pass", spec, "--output", str(tmp_path / "out"))

@@ -2,7 +2,8 @@
 
 Per distribution (text: short Lee background sentences, Lee documents, held-out Wikipedia passages that fill the
 compiled length; images: one), the same texts run through:
-- the artifact, static: batches of its batch size, every one padded to the compiled length;
+- the artifact as the runtime runs it: batches of its batch size padded to the compiled length, or, when it was
+  compiled with length buckets, each text in the shortest bucket graph holding it (static batches, filler rows);
 - `static`: the dense export at the same static shapes;
 - `dynamic`: the dense model with dynamic axes, texts sorted by length, batches of the same size, each padded to its
   longest (what a dynamic-shape user does);
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from compressor.export.validate import cosine_rows
+from compressor.runtime.model import bucket_graphs, route, run_in_batches
 
 
 def length_distributions(manifest: dict, samples: int) -> dict[str, tuple[str, list]]:
@@ -80,6 +82,28 @@ class Batches:
         return [self.session.run(None, b)[0] for b in self.batches]
 
 
+class Routed:
+    """The artifact as CompiledModel.embed runs it with length buckets: each text in the smallest bucket holding it,
+    static batches with filler rows (the routing and filling are timed too); `ordered` gives rows in input order."""
+
+    def __init__(self, buckets: dict, feeds: dict, batch: int):
+        self.batch, self.n = batch, next(iter(feeds.values())).shape[0]
+        self.buckets, self.feeds = buckets, feeds
+        self.counts = {seq: len(rows) for seq, rows, _ in route(feeds, sorted(buckets))}
+        self.padded_tokens = sum(-(-n // batch) * batch * seq for seq, n in self.counts.items())
+
+    def run(self, _outputs=None, _feeds=None):
+        return [(rows, run_in_batches(lambda chunk: self.buckets[seq].run(None, chunk)[0], part, self.batch))
+                for seq, rows, part in route(self.feeds, sorted(self.buckets))]
+
+    def ordered(self) -> np.ndarray:
+        parts = self.run()
+        out = np.zeros((self.n, parts[0][1].shape[1]), np.float32)
+        for rows, y in parts:
+            out[rows] = y
+        return out
+
+
 def baseline_sessions(manifest: dict, open_session) -> tuple[dict, dict]:
     """name -> session for the dense baselines, and what each one is (fusions applied)."""
     from compressor.export.baselines import dense_dynamic, dense_fused, dense_fused_int8
@@ -92,8 +116,10 @@ def baseline_sessions(manifest: dict, open_session) -> tuple[dict, dict]:
     return sessions, about
 
 
-def time_distribution(path: Path, manifest: dict, samples: list, sessions: dict, repeats: int, warmup: int) -> dict:
-    """Median ms of every session over one distribution, interleaved; static sessions get padded batches."""
+def time_distribution(path: Path, manifest: dict, samples: list, sessions: dict, repeats: int, warmup: int,
+                      buckets: dict | None = None) -> dict:
+    """Median ms of every session over one distribution, interleaved; static sessions get padded batches. With
+    `buckets` (seq_len -> session of the artifact's bucket graphs), "compressed" is timed routed, as the runtime runs."""
     from compressor.export.bench import time_interleaved
 
     feeds = _preprocess(path, manifest, samples)
@@ -102,8 +128,15 @@ def time_distribution(path: Path, manifest: dict, samples: list, sessions: dict,
     runners = {n: Batches(s, by_length if n in ("dynamic", "fused", "fused_int8") else static) for n, s in sessions.items()}
     reference = Batches(sessions["static"], static[:1]).run()[0]
     cosine = {n: float(cosine_rows(Batches(s, static[:1]).run()[0], reference).mean()) for n, s in sessions.items()}
+    routed = None
+    if buckets:
+        routed = runners["compressed"] = Routed(buckets, feeds, b)
+        cosine["compressed"] = float(cosine_rows(routed.ordered()[:b], reference).mean())
     times = time_interleaved(runners, {}, repeats, warmup)
     row = {"ms": {n: statistics.median(t) for n, t in times.items()}, "cosine_to_dense": cosine}
+    if routed is not None:
+        row["bucket_texts"] = {str(seq): n for seq, n in routed.counts.items()}
+        row["padded_tokens_artifact"] = routed.padded_tokens
     if "attention_mask" in feeds:
         real = feeds["attention_mask"].sum(1)
         row.update(real_tokens_mean=float(real.mean()), real_tokens_max=int(real.max()),
@@ -117,10 +150,12 @@ def baseline_table(path: Path, manifest: dict, open_session, repeats: int, warmu
     step("exporting the dynamic and fused dense baselines (cached after the first time)")
     sessions, about = baseline_sessions(manifest, open_session)
     sessions = {"compressed": open_session(path / manifest["model_file"]), **sessions}
+    buckets = {seq: sessions["compressed"] if file == manifest["model_file"] else open_session(path / file)
+               for seq, file in bucket_graphs(manifest)}
     out = {}
     for name, (what, raw) in length_distributions(manifest, samples).items():
         step(f"timing '{name}' ({len(raw)} samples), {repeats} interleaved runs per model")
-        row = time_distribution(path, manifest, raw, sessions, repeats, warmup)
+        row = time_distribution(path, manifest, raw, sessions, repeats, warmup, buckets)
         ours = row["ms"]["compressed"]
         entry = {"data": what, "samples": len(raw), "batch": manifest["shapes"]["batch"], "compressed_ms": ours,
                  "compressed_cosine_to_dense": row["cosine_to_dense"]["compressed"],

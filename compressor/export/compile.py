@@ -20,11 +20,10 @@ from compressor.program.capture import capture, graph_stats
 from compressor.errors import UsageError, ValidationFailed
 from compressor.export.onnx import OPSET, OUTPUT_NAME, lower_to_onnx
 from compressor.program.handle import load as load_handle
-from compressor.export.optimize import export_options, optimize_graph
+from compressor.export.optimize import check_buckets, deploy_graph, export_options, lowered_path
 from compressor.export.validate import validate, validation_config
 
 MODEL_FILE = "model.onnx"
-LOWERED_FILE = "model.fp32.onnx"  # scratch: the graph before quantization, for the agreement check; not shipped
 HF_FOLDER = "hf"  # the compressed model as a stock transformers folder, where it is one
 SENTENCE_TRANSFORMERS_FILES = ["modules.json", "sentence_bert_config.json", "1_Pooling/config.json"]  # keep its pooling
 
@@ -49,12 +48,12 @@ def check_output(output: Path, force: bool) -> None:
             raise UsageError(f"output '{output}' exists and is not an artifact; refusing to replace it even with --force")
 
 
-def export_onnx(handle, folder: Path, dense: bool = False):
-    """Capture the (dense or compressed) program and lower it into folder/model.onnx; returns graph stats."""
+def export_onnx(handle, folder: Path, dense: bool = False, file_name: str = MODEL_FILE):
+    """Capture the (dense or compressed) program and lower it into folder/file_name; returns graph stats."""
     example = handle.example_inputs()
     program = capture(handle.program(dense=dense), example)
     stats = graph_stats(program)
-    lower_to_onnx(program, example, [s.name for s in handle.input_specs()], folder / MODEL_FILE)
+    lower_to_onnx(program, example, [s.name for s in handle.input_specs()], folder / file_name)
     return stats
 
 
@@ -70,6 +69,7 @@ def compile_artifact(handle, output: str | Path, validation=None, *, force: bool
     options = export_options(options if options is not None else (recipe or {}).get("export"))
     if options.active and handle.adapter.modality == "causal_lm":
         raise UsageError("[export] fuse/quantize apply to encoders; language-model artifacts are exported as lowered")
+    check_buckets(options, handle.adapter.modality, handle.shapes.get("seq_len"))
     data = data or {}
     check_output(output, force)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -87,13 +87,16 @@ def compile_artifact(handle, output: str | Path, validation=None, *, force: bool
             stats = export_onnx(handle, tmp)
             if stats.params != dense.params and handle.adapter.transformers_loadable:  # structure changed, reloadably
                 write_transformers_folder(handle, tmp, step)
-            deployed, lowered = _optimize(handle, tmp, options, step)
+            deployed, lowered = deploy_graph(tmp / MODEL_FILE, options, handle.adapter, step)
             step("validating on held-out inputs")
             source = data.get("texts") if handle.adapter.modality == "text" else data.get("images")
-            original = load_handle(handle.source.reload_spec, **handle.shapes).program(dense=True)
-            result = validate(handle, make_session(tmp / MODEL_FILE), cfg, source, original, lowered)
-            if lowered is not None:
-                (tmp / LOWERED_FILE).unlink()
+            original = load_handle(handle.source.reload_spec, **handle.shapes)
+            result = validate(handle, make_session(tmp / MODEL_FILE), cfg, source, original.program(dense=True), lowered)
+            lowered_path(tmp / MODEL_FILE).unlink(missing_ok=True)
+            if options.buckets:
+                from compressor.export.buckets import compile_buckets
+
+                deployed["buckets"] = compile_buckets(handle, original, tmp, options, cfg, source, result, step)
         manifest = build_manifest(handle, dense, stats, result, recipe)
         if handle.adapter.modality != "causal_lm":
             manifest["export"] = deployed
@@ -105,21 +108,6 @@ def compile_artifact(handle, output: str | Path, validation=None, *, force: bool
         return manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _optimize(handle, tmp: Path, options, step):
-    """Fusions and quantization rewrite model.onnx in place before validation (so what ships is what is validated).
-    Returns the manifest's export record and, when quantized, an FP32 session of the graph before quantization (for
-    the ONNX vs PyTorch agreement check, which INT8 rounding would otherwise fail)."""
-    if not options.active:
-        return {"options": options.to_json(), "steps": [], "validated_graph": "as lowered"}, None
-    quantized = options.quantize != "none"
-    step("optimizing the graph: " + ", ".join(k for k, on in (("fusions", options.fuse), (options.quantize, quantized)) if on))
-    # agreement is checked on the (fused) FP32 graph that quantization started from
-    record = optimize_graph(tmp / MODEL_FILE, options, handle.adapter, tmp / LOWERED_FILE if quantized else None)
-    lowered = make_session(tmp / LOWERED_FILE) if quantized else None
-    record["validated_graph"] = "after " + " + ".join(record["steps"]) if record["steps"] else "as lowered"
-    return record, lowered
 
 
 def _compile_decoder(handle, tmp: Path, cfg, step):

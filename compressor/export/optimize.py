@@ -8,14 +8,15 @@ onnxruntime's Attention fusion does not recognise: what did fuse is recorded, ne
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from compressor.errors import UsageError
 from compressor.export.onnx import quiet
 
 QUANTIZE_MODES = ("none", "int8-dynamic")
-OPTIONS_KEYS = {"fuse", "quantize", "per_channel"}
+OPTIONS_KEYS = {"fuse", "quantize", "per_channel", "buckets"}
+MIN_BUCKET = 8
 # onnxruntime.transformers.optimizer model types, by our adapters' model_type
 FUSION_MODEL_TYPES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert": "bert", "mpnet": "bert",
                       "dinov2": "vit", "vit": "vit", "deit": "vit", "clip_vision_model": "clip", "clip": "clip"}
@@ -28,6 +29,7 @@ class ExportOptions:
     fuse: bool = False  # onnxruntime transformer optimizer (fused LayerNorm, Gelu, ... where patterns match)
     quantize: str = "none"  # "int8-dynamic": weights INT8, activations quantized per call (MatMul, Gemm, Attention)
     per_channel: bool = True  # one weight scale per output channel (keeps MiniLM's quality; per-tensor loses more)
+    buckets: list[int] = field(default_factory=list)  # text: shorter static graphs beside seq_len (see buckets.py)
 
     @property
     def active(self) -> bool:
@@ -47,7 +49,34 @@ def export_options(raw: dict | ExportOptions | None, where: str = "[export]") ->
             raise UsageError(f"{where} {key} must be true or false, got {values[key]!r}")
     if "quantize" in values and values["quantize"] not in QUANTIZE_MODES:
         raise UsageError(f"{where} quantize must be one of {list(QUANTIZE_MODES)}, got {values['quantize']!r}")
+    if "buckets" in values:
+        values["buckets"] = _checked_buckets(values["buckets"], where)
     return ExportOptions(**values)
+
+
+def _checked_buckets(buckets, where: str) -> list[int]:
+    """A list of distinct sequence lengths >= MIN_BUCKET, ascending (the compiled seq_len is checked by check_buckets)."""
+    if not isinstance(buckets, list) or not all(isinstance(b, int) and not isinstance(b, bool) for b in buckets):
+        raise UsageError(f"{where} buckets must be a list of sequence lengths (integers), e.g. [32, 64]; got {buckets!r}")
+    small = [b for b in buckets if b < MIN_BUCKET]
+    if small:
+        raise UsageError(f"{where} buckets must each be at least {MIN_BUCKET} tokens, got {small[0]}")
+    repeated = sorted({b for b in buckets if buckets.count(b) > 1})
+    if repeated:
+        raise UsageError(f"{where} buckets lists {repeated[0]} more than once")
+    return sorted(buckets)
+
+
+def check_buckets(options: ExportOptions, modality: str, seq_len: int | None, where: str = "[export]") -> None:
+    """Buckets are shorter text graphs: refused for other models and at or above the compiled seq_len (which is
+    always the last bucket)."""
+    if not options.buckets:
+        return
+    if modality != "text":
+        raise UsageError(f"{where} buckets apply to text encoders (sequence lengths); this is a {modality} model")
+    too_long = [b for b in options.buckets if b >= seq_len]
+    if too_long:
+        raise UsageError(f"{where} buckets must be shorter than seq_len = {seq_len} (it is always the last bucket), got {too_long[0]}")
 
 
 # the optimizer and quantizer log shape-inference retries and advice on every call (some on the root logger)
@@ -98,6 +127,29 @@ def _count_ops(path: Path, *markers: str) -> dict:
         if any(m in node.op_type for m in markers):
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
+
+
+def lowered_path(model_path: Path) -> Path:
+    """Scratch copy of a graph before quantization (model.onnx -> model.fp32.onnx): not shipped."""
+    return model_path.with_name(model_path.stem + ".fp32.onnx")
+
+
+def deploy_graph(model_path: Path, options: ExportOptions, adapter, step) -> tuple[dict, object]:
+    """Fusions and quantization rewrite the graph in place before validation (so what ships is what is validated).
+    Returns the manifest's export record and, when quantized, an FP32 session of the graph before quantization (for
+    the ONNX vs PyTorch agreement check, which INT8 rounding would otherwise fail); the caller removes its file."""
+    from compressor.runtime.model import make_session
+
+    if not options.active:
+        return {"options": options.to_json(), "steps": [], "validated_graph": "as lowered"}, None
+    quantized = options.quantize != "none"
+    done = ", ".join(k for k, on in (("fusions", options.fuse), (options.quantize, quantized)) if on)
+    step(f"optimizing {model_path.name}: {done}")
+    # agreement is checked on the (fused) FP32 graph that quantization started from
+    record = optimize_graph(model_path, options, adapter, lowered_path(model_path) if quantized else None)
+    lowered = make_session(lowered_path(model_path)) if quantized else None
+    record["validated_graph"] = "after " + " + ".join(record["steps"]) if record["steps"] else "as lowered"
+    return record, lowered
 
 
 def optimize_graph(path: Path, options: ExportOptions, adapter, fp32_copy: Path | None = None) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from compressor.errors import UsageError
 from compressor.pipeline.pass_base import Pass, make_pass
-from compressor.export.optimize import OPTIONS_KEYS, export_options
+from compressor.export.optimize import OPTIONS_KEYS, check_buckets, export_options
 from compressor.export.validate import VALIDATION_KEYS
 
 SECTIONS = {"model", "passes", "export", "validation", "data"}
@@ -139,5 +139,6 @@ def resolve_recipe(recipe: Recipe) -> Recipe:
     recipe.export = check_shapes(modality, recipe.export)
     if modality == "causal_lm" and export_options(recipe.deploy).active:
         raise UsageError("[export] fuse/quantize apply to encoders; language-model artifacts ship as lowered (remove them)")
+    check_buckets(export_options(recipe.deploy), modality, recipe.export.get("seq_len"))  # before the passes run
     recipe.validation = asdict(validation_config(modality, recipe.validation))
     return recipe

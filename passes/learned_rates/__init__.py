@@ -5,7 +5,8 @@ Every block gets a distribution over kept-token counts for pruning (class-attent
 (ToMe's bipartite matching); the model's weights stay frozen and only these distributions train, on calibration
 inputs, to keep the output close to the dense model's (1 - cosine of the pooled outputs plus an MSE between
 standardised final hidden states) while a penalty 5 x (cost fraction - target)^2 (after a warm-up) pulls the
-expected cost to the budget. The search runs the model with masks instead of removal (search.py), so the counts get
+expected cost to the budget (a latency budget is first turned into the FLOPs fraction predicted to meet it, from
+two onnxruntime timings of the real graph: latency.py). The search runs the model with masks instead of removal (search.py), so the counts get
 gradients. DiffRate starts from uniform rates and searches for 3 ImageNet epochs; with a few hundred calibration
 inputs the search starts instead from the best of token_merge's hand schedules at the budget (scored by the same
 loss) and refines it. Its result is a plain static schedule (`prunes`, `merges` per layer) stored in the token plan and in this
@@ -28,6 +29,7 @@ from compressor.pipeline.pass_base import Pass, PassResult, register
 from compressor.program.encoder import EncoderProgram, TokenPlan
 
 from .cost import FlopsCost, hard_counts
+from .latency import flops_for_latency, measured_ratio
 from .rates import KeptCounts
 from .search import EPS, layer_counts, search_forward
 
@@ -39,7 +41,8 @@ DECAYS = (1.0, 0.9, 0.7, 0.5)  # hand schedules the search may start from (token
 @dataclass
 class LearnedRatesConfig:
     flops: float | None = field(default=None, metadata={"help": "keep this fraction of the dense FLOPs, in (0, 1), e.g. 0.5"})
-    latency: float | None = field(default=None, metadata={"help": "keep this fraction of the dense latency (measured block latency table); give flops or latency"})
+    latency: float | None = field(default=None, metadata={"help": "keep this fraction of the dense model's onnxruntime latency at the compiled shapes, measured here (see latency.py); give flops or latency"})
+    threads: int = field(default=2, metadata={"help": "onnxruntime threads when measuring a latency budget (as the deployment will run)"})
     prune: bool | None = field(default=None, metadata={"help": "learn pruning counts (class-attention ranking); default: on for models pooled from a class token"})
     merge: bool = field(default=True, metadata={"help": "learn merging counts (ToMe bipartite matching)"})
     steps: int = field(default=60, metadata={"help": "optimizer steps on the rates (weights stay frozen)"})
@@ -61,6 +64,8 @@ class LearnedRatesConfig:
             raise ValueError("prune and merge are both off: nothing to learn")
         if self.steps < 1 or self.batch < 1 or self.calibration_samples < 1 or self.granularity < 1:
             raise ValueError("steps, batch, calibration_samples and granularity must be >= 1")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         if not 0.0 < self.lr < 10.0 or self.hidden_weight < 0:
             raise ValueError("lr must lie in (0, 10) and hidden_weight be >= 0")
 
@@ -68,7 +73,7 @@ class LearnedRatesConfig:
 @register
 class LearnedRates(Pass):
     name = "learned_rates"
-    summary = "DiffRate: per-layer pruning and merging counts learned under a FLOPs budget, weights frozen"
+    summary = "DiffRate: per-layer pruning and merging counts learned under a FLOPs or measured latency budget, weights frozen"
     Config = LearnedRatesConfig
     requires = frozenset({"encoder"})
     ensures = frozenset({"token_plan"})
@@ -82,8 +87,6 @@ class LearnedRates(Pass):
         if handle.plan.active:
             raise UsageError("learned_rates sets the whole token schedule: use it instead of token_merge/token_prune, "
                              "not after them")
-        if cfg.latency is not None:
-            raise UsageError("learned_rates: latency budgets are not available yet; use flops")
 
     def run(self, handle) -> PassResult:
         cfg: LearnedRatesConfig = self.config
@@ -94,8 +97,10 @@ class LearnedRates(Pass):
         prune = KeptCounts(layers, tokens, floor, cfg.granularity) if use_prune else None
         merge = KeptCounts(layers, tokens, floor, cfg.granularity) if cfg.merge else None
         cost = FlopsCost(handle)
-        target = cfg.flops
         start = time.perf_counter()
+        target, latency = cfg.flops, None
+        if cfg.latency is not None:
+            target, latency = flops_for_latency(handle, cost, cfg.latency, cfg.threads, cfg.proportional_attention)
         inputs, teacher = calibration(handle, cfg)
         ad.model.eval()
         ad.model.requires_grad_(False)
@@ -127,7 +132,11 @@ class LearnedRates(Pass):
         check_schedule(handle, prunes, merges)
         fraction = cost.fraction(hard_counts(prunes, merges, tokens))
         head = max(1, len(trace) // 10)
+        if latency is not None:
+            latency = {"keep": cfg.latency, **latency, **measured_ratio(handle, cfg.threads),
+                       "predicted_ratio": round(latency["fixed_fraction"] + (1 - latency["fixed_fraction"]) * fraction, 4)}
         return PassResult(modified=handle.plan.active, info={
+            "latency": latency,
             "prunes": prunes if use_prune else [],
             "merges": merges,
             "schedule": merges,

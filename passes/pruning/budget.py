@@ -11,14 +11,25 @@ from compressor.errors import UsageError
 
 @dataclass(frozen=True)
 class Budget:
-    kind: str  # "params" or "flops"
+    kind: str  # "params", "flops" or "latency" (ms, measured: pruning/latency.py)
     keep: float  # fraction of the dense model to keep
-    dense: int  # the dense model's total, as loaded
-    current: int  # the model's total before this pass
+    dense: float  # the dense model's total, as loaded
+    current: float  # the model's total before this pass
+    ms_per_flop: dict | None = None  # latency budgets: the measured price of a FLOP of "heads" and of "channels"
+    measurements: dict | None = None  # latency budgets: the timings behind the prices (for the manifest)
 
     @property
     def to_remove(self) -> float:
         return self.current - self.keep * self.dense
+
+    @property
+    def counted(self) -> str:
+        """What unit costs are counted in before pricing: latency is priced per FLOP."""
+        return "flops" if self.kind == "latency" else self.kind
+
+    def price(self, unit_kind: str, amount: float) -> float:
+        """The cost of `amount` (params or FLOPs) of heads or channels in this budget's measure."""
+        return amount * self.ms_per_flop[unit_kind] if self.kind == "latency" else amount
 
 
 def resolve_budget(handle, name: str, params: float | None, flops: float | None) -> Budget:

@@ -68,19 +68,20 @@ def calibration_batches(handle, samples: int, batch: int, length: int = 256, see
 
 
 def walk(handle, inputs: tuple[torch.Tensor, ...], skip: frozenset[int] | set[int] = frozenset(),
-         keep_states: bool = False) -> Walk:
-    """Run the model block by block (dense, no token plan), leaving out the blocks in `skip`."""
+         keep_states: bool = False, start: int = 0, x: torch.Tensor | None = None) -> Walk:
+    """Run the model block by block (dense, no token plan), leaving out the blocks in `skip`; with `start` and `x`,
+    begin at block `start` from its input `x` (a prefix already computed: SLEB's rounds re-score from there)."""
     ad = handle.adapter
     if ad.modality == "causal_lm":
         from compressor.program.decoder import rotary_and_bias, self_attention
 
         (ids,) = inputs
-        x = ad.embed_tokens(ids)
+        x = ad.embed_tokens(ids) if x is None else x
         mask = torch.ones(ids.shape, dtype=torch.long)
         cos, sin, bias = rotary_and_bias(ad, x, mask, 0)
         states = [x] if keep_states else []
         for i, layer in enumerate(ad.layers):
-            if i in skip:
+            if i in skip or i < start:
                 continue
             x = layer.residual(x, "attn") + layer.attn_out(self_attention(ad, layer, layer.attn_norm(x), cos, sin, bias)[0])
             x = layer.mlp(x)
@@ -90,11 +91,12 @@ def walk(handle, inputs: tuple[torch.Tensor, ...], skip: frozenset[int] | set[in
     from compressor.models import PAD
     from compressor.program.encoder import MASK_BIAS
 
-    x, kinds = ad.embed(*inputs)
+    embedded, kinds = ad.embed(*inputs)
+    x = embedded if x is None else x
     bias = torch.where(kinds == PAD, MASK_BIAS, 0.0).to(x.dtype)
     states = [x] if keep_states else []
     for i, layer in enumerate(ad.layers):
-        if i in skip:
+        if i in skip or i < start:
             continue
         x = layer.mlp(layer.attention(x, bias)[0])
         if keep_states:
