@@ -29,7 +29,7 @@ from compressor.pipeline.pass_base import Pass, PassResult, register
 from compressor.program.encoder import EncoderProgram, TokenPlan
 
 from .cost import FlopsCost, hard_counts
-from .latency import flops_for_latency, measured_ratio
+from .latency import flops_for_latency, measured_ratio, retarget
 from .rates import KeptCounts
 from .search import EPS, layer_counts, search_forward
 
@@ -126,15 +126,30 @@ class LearnedRates(Pass):
         search_seconds = time.perf_counter() - start
         learned = schedule_at(prune, merge, tokens, protected, 0.0)
         learned_fraction = cost.fraction(hard_counts(*learned, tokens))
-        tilt, (prunes, merges) = fit_budget(prune, merge, tokens, protected, cost, target)
-        handle.plan = TokenPlan(merges=merges, prunes=prunes if use_prune else [],
-                                proportional_attention=cfg.proportional_attention)
-        check_schedule(handle, prunes, merges)
-        fraction = cost.fraction(hard_counts(prunes, merges, tokens))
+        attempts = []
+        while True:
+            try:
+                tilt, (prunes, merges) = fit_budget(prune, merge, tokens, protected, cost, target)
+            except UsageError:
+                if not attempts:
+                    raise
+                target = attempts[-1]["flops_target"]  # a re-drawn target out of reach: keep the last schedule
+                break
+            handle.plan = TokenPlan(merges=merges, prunes=prunes if use_prune else [],
+                                    proportional_attention=cfg.proportional_attention)
+            check_schedule(handle, prunes, merges)
+            fraction = cost.fraction(hard_counts(prunes, merges, tokens))
+            if latency is None:
+                break
+            attempts.append({"flops_target": round(target, 4), "flops_fraction": round(fraction, 4), **measured_ratio(handle, cfg.threads)})
+            again = retarget(attempts, cfg.latency)  # missed by more than the tolerance: tilt the rates again
+            if again is None:
+                break
+            target = again
         head = max(1, len(trace) // 10)
         if latency is not None:
-            latency = {"keep": cfg.latency, **latency, **measured_ratio(handle, cfg.threads),
-                       "predicted_ratio": round(latency["fixed_fraction"] + (1 - latency["fixed_fraction"]) * fraction, 4)}
+            latency = {"keep": cfg.latency, **latency, **attempts[-1], "attempts": attempts,
+                       "predicted_ratio": round(latency["fixed_fraction"] + (1 - latency["fixed_fraction"]) * attempts[0]["flops_fraction"], 4)}
         return PassResult(modified=handle.plan.active, info={
             "latency": latency,
             "prunes": prunes if use_prune else [],

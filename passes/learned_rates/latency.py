@@ -6,7 +6,9 @@ Token reduction saves time roughly in proportion to the FLOPs it removes, but no
 program and token_merge's constant schedule at about the asked-for fraction (at most half the FLOPs) are exported
 and timed, interleaved, at the compiled shapes; the line through the two points gives each FLOPs fraction its latency, and the FLOPs target is
 the fraction whose predicted latency is the budget. After the search, the compiled schedule is timed against the
-dense program once more: the manifest records the prediction and the measurement.
+dense program once more; while it misses the budget by more than TOLERANCE the line is re-drawn through that
+measurement and the learned rates are tilted to the new FLOPs target (no new search). The manifest records the
+prediction and every measurement.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from compressor.export.timing import time_handles
 from compressor.program.encoder import TokenPlan
 
 from .cost import FlopsCost, hard_counts
+
+TOLERANCE = 0.03  # the measured latency ratio may miss the budget by this much before the rates are tilted again
+ATTEMPTS = 3
 
 
 def reference_schedule(handle, cost: FlopsCost, keep: float) -> list[int]:
@@ -58,3 +63,18 @@ def measured_ratio(handle, threads: int) -> dict:
     dense.plan = TokenPlan()
     ms = time_handles({"dense": dense, "learned": handle}, threads=threads)
     return {"check_ms": {k: round(v, 3) for k, v in ms.items()}, "measured_ratio": round(ms["learned"] / ms["dense"], 4)}
+
+
+def retarget(attempts: list[dict], keep: float) -> float | None:
+    """The next FLOPs target, or None when the last measurement is within TOLERANCE (or the attempts are spent, or
+    the line through the dense point and the last one cannot reach the budget): the line is re-drawn through what the
+    compiled schedule actually measured, and the rates are tilted again (fit_budget; no new search)."""
+    last = attempts[-1]
+    if abs(last["measured_ratio"] - keep) <= TOLERANCE or len(attempts) >= ATTEMPTS:
+        return None
+    dense, got = last["check_ms"]["dense"], last["check_ms"]["learned"]
+    slope = (dense - got) / max(1.0 - last["flops_fraction"], 1e-9)
+    if slope <= 0:
+        return None
+    target = (keep * dense - (dense - slope)) / slope
+    return target if 0.0 < target < 1.0 else None
