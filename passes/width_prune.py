@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from compressor.errors import UsageError
-from compressor.export.timing import time_handles
+from compressor.export.timing import LATENCY_ATTEMPTS, LATENCY_TOLERANCE, time_handles
 from compressor.models.base import head_rows
 from compressor.pipeline.pass_base import Pass, PassResult, register
 
@@ -35,8 +35,6 @@ from .pruning.importance import calibrate, channel_scores, head_scores
 from .pruning.latency import LatencyModel
 
 IMPORTANCE = ("fisher", "activation", "magnitude")
-LATENCY_TOLERANCE = 0.03  # a latency budget is re-spent while the measured ratio misses it by more than this
-MAX_LATENCY_ATTEMPTS = 3
 COMPENSATE = ("least_squares", "bias", "none")
 
 
@@ -105,7 +103,11 @@ class WidthPrune(Pass):
     def run(self, handle) -> PassResult:
         cfg: WidthPruneConfig = self.config
         start = time.perf_counter()
-        budget = resolve_budget(handle, self.name, cfg.params, cfg.flops) if cfg.latency is None else self._latency_budget(handle)
+        dense = None
+        if cfg.latency is None:
+            budget = resolve_budget(handle, self.name, cfg.params, cfg.flops)
+        else:
+            budget, dense = self._latency_budget(handle)
         self._check_reachable(handle, budget)
         batches = calibration_batches(handle, cfg.calibration_samples, cfg.batch, cfg.calibration_len, cfg.seed)
         cal = calibrate(handle, batches, fisher=cfg.importance == "fisher", gram=cfg.compensate == "least_squares", seed=cfg.seed)
@@ -124,7 +126,7 @@ class WidthPrune(Pass):
             handle.adapter.sync_config()
             if pristine is None:
                 break
-            attempts.append(self._check_latency(handle, budget, sum(u.cost for u in removed)))
+            attempts.append(self._check_latency(handle, dense, budget, sum(u.cost for u in removed)))
             need = self._corrected(budget, need, attempts)
             if need is None:
                 break
@@ -144,24 +146,22 @@ class WidthPrune(Pass):
             "transformers_loadable": ad.transformers_loadable,
         })
 
-    def _latency_budget(self, handle) -> Budget:
-        """Measure the model as it stands (and as loaded, if earlier passes changed it) and price heads and channels."""
+    def _latency_budget(self, handle) -> tuple[Budget, object]:
+        """Measure the model as it stands (and as loaded, if earlier passes changed it) and price heads and channels;
+        returns the budget and the dense model as loaded, which every attempt is timed against."""
         from compressor.program.handle import load
 
+        dense = load(handle.source.reload_spec, **handle.shapes)
         changed = any(r.get("modified", True) for r in handle.history)
-        dense = load(handle.source.reload_spec, **handle.shapes) if changed else None
-        model = LatencyModel(handle, self.config.gqa, self.config.threads, dense_handle=dense)
+        model = LatencyModel(handle, self.config.gqa, self.config.threads, dense_handle=dense if changed else None)
         budget = Budget("latency", self.config.latency, model.dense_ms, model.now_ms, model.per_flop, model.to_json())
         if budget.to_remove <= 0:
             raise UsageError(f"width_prune: the model already runs in {budget.current / budget.dense:.1%} of the dense "
                              f"latency, at or under latency = {budget.keep}; ask for less")
-        return budget
+        return budget, dense
 
-    def _check_latency(self, handle, budget, predicted_saving: float) -> dict:
+    def _check_latency(self, handle, dense, budget, predicted_saving: float) -> dict:
         """Time the result against the dense model: the price table is a prediction, this is the measurement."""
-        from compressor.program.handle import load
-
-        dense = load(handle.source.reload_spec, **handle.shapes)
         ms = time_handles({"dense": dense, "pruned": handle}, threads=self.config.threads)
         return {"predicted_ratio": round((budget.current - predicted_saving) / budget.dense, 4),
                 "measured_ratio": round(ms["pruned"] / ms["dense"], 4), "check_ms": {k: round(v, 3) for k, v in ms.items()}}
@@ -172,7 +172,7 @@ class WidthPrune(Pass):
         the attempts are spent): the amount asked for, scaled by the saving wanted over the saving measured (removing
         heads and channels together does not save exactly the sum of their prices, nor the same on every machine)."""
         got = attempts[-1]["measured_ratio"]
-        if abs(got - budget.keep) <= LATENCY_TOLERANCE or len(attempts) >= MAX_LATENCY_ATTEMPTS:
+        if abs(got - budget.keep) <= LATENCY_TOLERANCE or len(attempts) >= LATENCY_ATTEMPTS:
             return None
         start = budget.current / budget.dense
         saved = start - got

@@ -6,23 +6,21 @@ Token reduction saves time roughly in proportion to the FLOPs it removes, but no
 program and token_merge's constant schedule at about the asked-for fraction (at most half the FLOPs) are exported
 and timed, interleaved, at the compiled shapes; the line through the two points gives each FLOPs fraction its latency, and the FLOPs target is
 the fraction whose predicted latency is the budget. After the search, the compiled schedule is timed against the
-dense program once more; while it misses the budget by more than TOLERANCE the line is re-drawn through that
+dense program once more; while it misses the budget by more than LATENCY_TOLERANCE the line is re-drawn through that
 measurement and the learned rates are tilted to the new FLOPs target (no new search). The manifest records the
 prediction and every measurement.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 
 from compressor.errors import UsageError
-from compressor.export.timing import time_handles
+from compressor.export.timing import LATENCY_ATTEMPTS, LATENCY_TOLERANCE, time_handles
 from compressor.program.encoder import TokenPlan
 
 from .cost import FlopsCost, hard_counts
 
-TOLERANCE = 0.03  # the measured latency ratio may miss the budget by this much before the rates are tilted again
-ATTEMPTS = 3
 
 
 def reference_schedule(handle, cost: FlopsCost, keep: float) -> list[int]:
@@ -39,8 +37,7 @@ def reference_schedule(handle, cost: FlopsCost, keep: float) -> list[int]:
 def flops_for_latency(handle, cost: FlopsCost, keep: float, threads: int, proportional: bool) -> tuple[float, dict]:
     """The FLOPs fraction whose predicted latency is `keep` of the dense model's, and the measurements behind it."""
     merges = reference_schedule(handle, cost, keep)
-    reference = copy.deepcopy(handle)
-    reference.plan = TokenPlan(merges=merges, proportional_attention=proportional)
+    reference = dataclasses.replace(handle, plan=TokenPlan(merges=merges, proportional_attention=proportional))
     ms = time_handles({"dense": handle, "reference": reference}, threads=threads)
     f_ref = cost.fraction(hard_counts([0] * len(merges), merges, handle.num_tokens))
     slope = (ms["dense"] - ms["reference"]) / max(1.0 - f_ref, 1e-9)  # ms per unit of FLOPs fraction
@@ -59,18 +56,17 @@ def flops_for_latency(handle, cost: FlopsCost, keep: float, threads: int, propor
 
 def measured_ratio(handle, threads: int) -> dict:
     """The compiled schedule's latency against the dense program's, timed interleaved."""
-    dense = copy.deepcopy(handle)
-    dense.plan = TokenPlan()
+    dense = dataclasses.replace(handle, plan=TokenPlan())
     ms = time_handles({"dense": dense, "learned": handle}, threads=threads)
     return {"check_ms": {k: round(v, 3) for k, v in ms.items()}, "measured_ratio": round(ms["learned"] / ms["dense"], 4)}
 
 
 def retarget(attempts: list[dict], keep: float) -> float | None:
-    """The next FLOPs target, or None when the last measurement is within TOLERANCE (or the attempts are spent, or
+    """The next FLOPs target, or None when the last measurement is within LATENCY_TOLERANCE (or the attempts are spent, or
     the line through the dense point and the last one cannot reach the budget): the line is re-drawn through what the
     compiled schedule actually measured, and the rates are tilted again (fit_budget; no new search)."""
     last = attempts[-1]
-    if abs(last["measured_ratio"] - keep) <= TOLERANCE or len(attempts) >= ATTEMPTS:
+    if abs(last["measured_ratio"] - keep) <= LATENCY_TOLERANCE or len(attempts) >= LATENCY_ATTEMPTS:
         return None
     dense, got = last["check_ms"]["dense"], last["check_ms"]["learned"]
     slope = (dense - got) / max(1.0 - last["flops_fraction"], 1e-9)
