@@ -41,13 +41,14 @@ VARIANTS = {
         "tome": ("examples/minilm-tome.toml", {}, False),
         "tome int8": ("examples/minilm-tome.toml", {"quantize": "int8-dynamic"}, False),
         "prune+tome": ("examples/minilm-prune-tome.toml", {}, False),
+        "deploy fp32 (prune+tome, fused)": ("examples/minilm-deploy.toml", {"fuse": True}, True),
         "deploy (prune+tome, fused, int8)": ("examples/minilm-deploy.toml", None, True),
     },
     "dinov2": {
         "tome": ("examples/dinov2-tome.toml", {}, False),
         "tome int8": ("examples/dinov2-tome.toml", {"quantize": "int8-dynamic"}, False),
         "prune+tome": ("examples/dinov2-prune-tome.toml", {}, False),
-        "deploy (prune+tome, fused, int8)": ("examples/dinov2-deploy.toml", None, True),
+        "deploy (prune+tome, int8)": ("examples/dinov2-deploy.toml", None, True),
     },
 }
 

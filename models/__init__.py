@@ -14,10 +14,11 @@ from .mpnet import MPNetAdapter
 from .phi3 import Phi3Adapter
 from .qwen import Qwen2Adapter, Qwen3Adapter
 from .vit import DeiTAdapter, ViTAdapter
+from .whisper import WhisperAdapter
 
 ADAPTERS: list[type[ModelAdapter]] = [BertAdapter, RobertaAdapter, DistilBertAdapter, MPNetAdapter, Dinov2Adapter,
                                       ViTAdapter, DeiTAdapter, ClipVisionAdapter, ClipAdapter, LlamaAdapter, Qwen2Adapter, Qwen3Adapter, MistralAdapter,
-                                      Gemma3Adapter, Phi3Adapter]
+                                      Gemma3Adapter, Phi3Adapter, WhisperAdapter]
 
 
 def adapter_for(model_type: str) -> type[ModelAdapter] | None:

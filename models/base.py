@@ -120,6 +120,22 @@ class LayerAdapter:
         shortcut = getattr(self.layer, f"{block}_shortcut", None)
         return x if shortcut is None else shortcut(x)
 
+    # SliceGPT (passes/slicegpt) rotates the residual stream: where this block reads and writes it
+    @property
+    def residual_readers(self) -> dict[str, list[nn.Linear]]:
+        """Linears that read the residual stream, keyed by the attribute name of the norm in front of them: the
+        attention's group, then the MLP's."""
+        raise NotImplementedError
+
+    @property
+    def residual_writers(self) -> list[nn.Linear]:
+        """The attention's and the MLP's output projections: the linears that write the residual stream."""
+        raise NotImplementedError
+
+    def writer_sliced(self, writer: nn.Linear) -> None:
+        """`writer` now writes fewer directions of the stream: resize whatever scales its write on the way (DINOv2's
+        layer scale); nothing by default."""
+
 
 def head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
     """Row indices of these heads in a projection laid out head after head."""
@@ -167,7 +183,7 @@ class ModelAdapter:
     """A model family. Subclasses set `family`, `modality`, `model_types` and `protected_per_sample`."""
 
     family: str = ""
-    modality: str = ""  # "text" or "image"
+    modality: str = ""  # "text", "image", "causal_lm" or "audio"
     model_types: tuple[str, ...] = ()
     protected_per_sample: int = 1  # tokens that never merge, counted for schedule caps
     auto_class: str = "AutoModel"  # the transformers class that loads the folder
@@ -287,6 +303,62 @@ class ModelAdapter:
     def artifact_files(self) -> list[str]:
         """Files from the model folder that the artifact carries for pre-processing (tokenizer files)."""
         return []
+
+    # SliceGPT (passes/slicegpt): the pass rotates readers by Q, writers by Q^T and slices; a family that supports
+    # it says here how its norms fold, where its embeddings, norms and head sit and how to step through its blocks
+    title: str = ""  # the family's name in prose, for messages (family if empty)
+
+    @property
+    def slicing_refusal(self) -> str:
+        """Why SliceGPT cannot rotate this family's residual stream, in one line; "" where it can."""
+        if self.norm_placement != "pre":
+            return (f"slicegpt needs a pre-norm model; {self.family} normalises after each residual add (post-norm), "
+                    "so a rotation of the residual stream cannot pass through its norms (computational invariance breaks)")
+        return f"slicegpt supports Llama-family decoders (Llama, Qwen2, Qwen3, Mistral, Phi-3) and DINOv2 so far, not {self.family}"
+
+    def fold_norms(self) -> None:
+        """Make every norm on the residual stream a weightless RMS norm, which commutes with a rotation, without
+        changing the outputs: scales (and biases) fold into the linears that read the norms."""
+        raise NotImplementedError
+
+    @property
+    def residual_norms(self) -> list[nn.Module]:
+        """The (folded) norms whose inputs are the residual boundaries, in order: each block's two, then the final one."""
+        raise NotImplementedError
+
+    @property
+    def head_readers(self) -> list[nn.Linear]:
+        """Linears that read the final norm's output (the LM head; DINOv2's output projection)."""
+        raise NotImplementedError
+
+    def calibration_forward(self, batch: torch.Tensor) -> None:
+        """Run the model on a calibration batch so that hooks on `residual_norms` see every boundary."""
+        raise NotImplementedError
+
+    def embed_stream(self, batch: torch.Tensor) -> torch.Tensor:
+        """The residual stream at its first boundary (the embeddings' output) for a calibration batch."""
+        raise NotImplementedError
+
+    def stream_context(self, x: torch.Tensor):
+        """What `block_write` needs beside the stream x (rotary tables and masks; an attention bias)."""
+        raise NotImplementedError
+
+    def block_write(self, layer: LayerAdapter, block: str, x: torch.Tensor, context) -> torch.Tensor:
+        """What `layer`'s block ("attn" or "mlp") adds to the residual stream x (its output less the residual)."""
+        raise NotImplementedError
+
+    def rotate_embeddings(self, q: torch.Tensor) -> None:
+        """Write the embeddings in the rotated basis, keeping its first q.shape[1] directions."""
+        raise NotImplementedError
+
+    def set_sliced_norm(self, norm: nn.Module, width: int, d: int) -> None:
+        """Make `norm` (folded, weightless, over `width`) act on a d-dim slice of the rotated stream: the same RMS
+        needs a scale sqrt(width / d) and epsilon * width / d."""
+        raise NotImplementedError
+
+    def record_sliced_width(self, width: int, d: int) -> None:
+        """After portable slicing (one rotation, every boundary at d): write the new width where the family keeps it."""
+        raise NotImplementedError
 
     def describe(self) -> dict:
         c = self.config

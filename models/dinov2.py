@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .base import NORMAL, PROTECTED, InputSpec, LayerAdapter, ModelAdapter, multi_head_attention
+from .dinov2_slicing import Dinov2Slicing
 
 DEFAULT_PREPROCESS = {"size": [224, 224], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resample": "bicubic"}
 
@@ -41,9 +42,23 @@ class Dinov2LayerAdapter(LayerAdapter):
     def mlp(self, x):
         return self.residual(x, "mlp") + self.mlp_out(x)
 
+    @property
+    def residual_readers(self):
+        return {"norm1": [self.q, self.k, self.v], "norm2": [self.fc_in]}
 
-class Dinov2Adapter(ModelAdapter):
+    @property
+    def residual_writers(self):
+        return [self.o, self.fc_out]
+
+    def writer_sliced(self, writer):
+        """Layer scale multiplies the write (folded: ones), so it takes the writer's width."""
+        scale = self.scale1 if writer is self.o else self.scale2
+        scale.lambda1 = nn.Parameter(torch.ones(writer.out_features), requires_grad=False)
+
+
+class Dinov2Adapter(Dinov2Slicing, ModelAdapter):
     family = "dinov2"
+    title = "DINOv2"
     modality = "image"
     model_types = ("dinov2",)
     protected_per_sample = 1  # CLS

@@ -8,8 +8,8 @@ scaled by query_pre_attn_scalar^-1/2; final logits are tanh soft-capped where `f
 `attn_logit_softcapping` is not applied: Gemma 3 replaced it by the q/k norms and transformers 4.57's Gemma 3
 attention ignores it, so the program does too (it must match stock transformers, which reloads the result).
 
-SliceGPT is refused (norm_placement "sandwich", see passes/slicegpt): a block's output reaches the residual stream
-through an RMSNorm whose per-channel scale does not commute with a rotation.
+SliceGPT is refused (`slicing_refusal`): a block's output reaches the residual stream through an RMSNorm whose
+per-channel scale does not commute with a rotation.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ class Gemma3Adapter(LlamaAdapter):
     qk_norm = True
     stock_biases = {**dict.fromkeys(("q", "k", "v", "o"), "attention_bias"), **dict.fromkeys(("gate", "up", "fc_out"), False)}
     attention_attrs = LlamaAdapter.attention_attrs + ("sliding_window", "is_sliding")
+    slicing_refusal = ("slicegpt cannot rotate gemma3's residual stream: each block's output passes an RMSNorm before "
+                       "the residual add, and the norm's per-channel scale does not commute with a rotation "
+                       "(computational invariance breaks); use width_prune, layer_prune or distill")
 
     def __init__(self, model, folder):
         if getattr(model.config, "use_bidirectional_attention", False):

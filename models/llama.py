@@ -16,6 +16,7 @@ from torch import nn
 from compressor.errors import UsageError
 
 from .base import LayerAdapter, ModelAdapter, head_rows, keep_columns, keep_rows
+from .llama_slicing import LlamaSlicing
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "fc_out")
@@ -101,7 +102,7 @@ class LlamaLayerAdapter(LayerAdapter):
         return self.residual(x, "mlp") + self.mlp_out(x)
 
 
-class LlamaAdapter(ModelAdapter):
+class LlamaAdapter(LlamaSlicing, ModelAdapter):
     family = "llama"
     modality = "causal_lm"
     model_types = ("llama",)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from compressor.pipeline.progress import track
 from compressor.errors import UsageError
 from compressor.models import PAD
 from compressor.pipeline.pass_base import Pass, PassResult, register
@@ -299,7 +300,7 @@ class Distill(Pass):
             epochs = -(-cfg.steps * cfg.batch // cfg.samples)
             order = torch.cat([torch.randperm(cfg.samples, generator=g) for _ in range(epochs)])
             losses, start, done = [], time.perf_counter(), 0
-            for step in range(cfg.steps):
+            for step in track(range(cfg.steps), "distilling (steps)"):
                 idx = order[step * cfg.batch:(step + 1) * cfg.batch]
                 x = tuple(t[idx] for t in train)
                 for group in opt.param_groups:

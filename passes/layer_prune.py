@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from compressor.pipeline.progress import step
 from compressor.errors import UsageError
 from compressor.pipeline.pass_base import Pass, PassResult, register
 
@@ -138,6 +139,7 @@ class LayerPrune(Pass):
             options = [i for i in candidates if i not in removed]
             if not options:
                 break
+            step(f"greedy round {len(removed) + 1}: scoring {len(options)} blocks")
             kept = [i for i in range(handle.num_layers) if i not in removed]
             inputs = [dict(zip(kept, walk(handle, b, removed, keep_states=True).states)) for b in batches]
             scores = {i: sum(float(output_loss(handle, walk(handle, b, removed | {i}, start=i, x=at[i]).output, r, b[0]))

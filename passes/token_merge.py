@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from compressor.program.token_cost import TokenFlops
+from compressor.program.token_cost import TokenFlops, smallest_rate
 from compressor.errors import UsageError
 from compressor.program.encoder import MERGE_METHODS
 from compressor.program.merging import max_merge
@@ -115,14 +115,8 @@ class TokenMerge(Pass):
         """Smallest first-layer r whose FLOPs (blocks analytic, the rest measured on the captured graph) meet target."""
         cost = TokenFlops.of(handle)
         reduction = lambda merges: cost.reduction([m + t for m, t in zip(merges, taken)])  # noqa: E731
-        best = None
-        for r in range(0, tokens):
-            merges = constant_schedule(r, tokens, layers, protected, decay, taken, drops)
-            if reduction(merges) >= target:
-                best = merges
-                break
-            if r > 0 and merges == constant_schedule(r - 1, tokens, layers, protected, decay, taken, drops):
-                break  # caps bind everywhere: larger r changes nothing
+        best = smallest_rate(lambda r: constant_schedule(r, tokens, layers, protected, decay, taken, drops),
+                             lambda merges: reduction(merges) >= target, tokens)
         if best is None:
             most = constant_schedule(tokens, tokens, layers, protected, decay, taken, drops)
             top = reduction(most)

@@ -17,7 +17,7 @@ from compressor.pipeline.pass_base import Pass, PassResult, register
 from compressor.program.merging import max_merge
 from compressor.program.pruning import IMPORTANCE, max_prune
 
-from compressor.program.token_cost import TokenFlops
+from compressor.program.token_cost import TokenFlops, smallest_rate
 
 
 @dataclass
@@ -119,13 +119,9 @@ class TokenPrune(Pass):
         def reduction(prunes):
             return cost.reduction([m + p + q for m, p, q in zip(merges, previous, prunes)])
 
-        last = None
-        for r in range(0, tokens):
-            prunes = self._constant(r, tokens, protected, merges, previous, first_layer)
-            if reduction(prunes) >= target:
-                return prunes
-            if prunes == last:
-                break  # caps bind everywhere: larger r changes nothing
-            last = prunes
+        found = smallest_rate(lambda r: self._constant(r, tokens, protected, merges, previous, first_layer),
+                              lambda prunes: reduction(prunes) >= target, tokens)
+        if found is not None:
+            return found
         top = reduction(self._constant(tokens, tokens, protected, merges, previous, first_layer))
         raise UsageError(f"token_prune: a FLOPs reduction of {target:.0%} is out of reach; at most {top:.0%} with {tokens} tokens and {len(merges)} layers")

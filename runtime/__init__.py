@@ -6,6 +6,7 @@
     model.embed_images([pil_image])        # vision encoders
     model.run({"input_ids": ..., ...})     # raw feeds at the compiled shapes
     model.generate("The capital of France is", max_new_tokens=20)   # language models
+    model.transcribe(waveform)             # speech (Whisper): float32 16 kHz mono numpy array -> text
     load("out/minilm", providers=["cuda"])                          # GPU, with onnxruntime-gpu installed
 """
 
@@ -19,6 +20,7 @@ from .errors import FeedError, FeedTypeError, ProviderError, RuntimeArtifactErro
 from .lm import CausalLM
 from .model import CompiledModel, TruncationWarning, check_threads
 from .providers import resolve_providers
+from .speech import SpeechModel
 
 
 def load(path: str | Path, providers=None, threads: int | None = None, allow_fallback: bool = False) -> CompiledModel:
@@ -27,7 +29,7 @@ def load(path: str | Path, providers=None, threads: int | None = None, allow_fal
     `providers`: None (CPU), or names in order of preference, short ("cuda", "tensorrt", "cpu") or onnxruntime's
     ("CUDAExecutionProvider"); one missing from this onnxruntime is a ProviderError listing what exists, unless
     `allow_fallback` (then CPU, with a warning). Returns a CausalLM (generate, logits, perplexity) for language
-    models, else a CompiledModel (embed, embed_images, run).
+    models, a SpeechModel (transcribe) for speech, else a CompiledModel (embed, embed_images, run).
     """
     if not isinstance(path, (str, os.PathLike)):
         raise FeedTypeError(f"load() takes an artifact folder path (str or pathlib.Path), got {type(path).__name__}")
@@ -37,9 +39,10 @@ def load(path: str | Path, providers=None, threads: int | None = None, allow_fal
     providers = resolve_providers(providers, allow_fallback)  # before the hash check: refusals come at once
     folder = Path(path)
     manifest = read_manifest(folder, verify=True)
-    cls = CausalLM if manifest.get("preprocess", {}).get("kind") == "causal_lm" else CompiledModel
+    kind = manifest.get("preprocess", {}).get("kind")
+    cls = {"causal_lm": CausalLM, "speech": SpeechModel}.get(kind, CompiledModel)
     return cls(folder, manifest, providers=providers, threads=threads, allow_fallback=allow_fallback)
 
 
 __all__ = ["load", "CompiledModel", "CausalLM", "RuntimeUsageError", "RuntimeArtifactError", "FeedError",
-           "FeedTypeError", "ProviderError", "TruncationWarning", "FORMAT_VERSION", "read_manifest", "resolve_providers"]
+           "FeedTypeError", "ProviderError", "SpeechModel", "TruncationWarning", "FORMAT_VERSION", "read_manifest", "resolve_providers"]

@@ -57,15 +57,6 @@ class CausalLM(CompiledModel):
         pre = self._pre
         self.num_layers, self.kv_heads, self.head_dim = pre["num_layers"], pre["kv_heads"], pre["head_dim"]
         self.eos_token_ids = set(pre.get("eos_token_ids") or [])
-        self._tokenizer = None
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from tokenizers import Tokenizer
-
-            self._tokenizer = Tokenizer.from_file(str(self.folder / self._pre["tokenizer"]))
-        return self._tokenizer
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):

@@ -88,10 +88,20 @@ class CompiledModel:
         self._pre = pre
         self._preprocessor = None
         self._warned_truncation = False
+        self._tokenizer = None
 
     @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
+
+    @property
+    def tokenizer(self):
+        """The artifact's own tokenizer (language models and speech decode with it), loaded on first use."""
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(str(self.folder / self._pre["tokenizer"]))
+        return self._tokenizer
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one compiled batch; feeds must match the compiled names, shapes and dtypes exactly."""

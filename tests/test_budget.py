@@ -24,6 +24,8 @@ def minilm_recipe(**extra):
     ("latency_ms=-3", "positive"),
     ("gflops=2", "KEY one of"),
     ("speedup=fast", "needs a number"),
+    ("speedup=2,against=dynamic", "against=static|fused|fused_int8"),
+    ("flops=0.5,against=fused", "applies to speedup budgets"),
 ])
 def test_bad_budgets_are_refused_in_one_line(spec, message):
     with pytest.raises(UsageError, match=message):
@@ -71,3 +73,14 @@ def test_speed_search_interpolates_between_attempts_that_bracket_the_target():
     # one too slow, one too fast: the next lies between them, nearer the one whose speed-up is nearer the target
     k = next_keep([(0.67, 1.32), (0.59, 1.69)], 1.5)
     assert 0.59 < k < 0.67 and abs(k - 0.631) < 0.005
+
+
+def test_speedup_is_measured_against_the_named_dense_deployment(minilm_artifact):
+    """`against=fused`: the artifact is timed against the dense model exported as optimum does and fused by
+    onnxruntime, on passages that fill the compiled length; the budget records what it was measured against."""
+    from compressor.pipeline.budget import measure_speed
+
+    assert parse_budget("speedup=1.5,against=fused").to_json() == {"speedup": 1.5, "tolerance": 0.05, "against": "fused"}
+    got = measure_speed(minilm_artifact, "fused")
+    assert got["against"] == "fused" and "Wikipedia passages" in got["distribution"]
+    assert got["speedup"] == pytest.approx(got["dense_ms"] / got["compressed_ms"]) and got["speedup"] > 0

@@ -474,3 +474,23 @@ def test_gemma3_270m_example_matches_transformers():
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() > 0.99
     nll, n = nll_sum(ours, ids)
     assert np.exp(nll / n) < 60.0, np.exp(nll / n)
+
+
+def test_decoder_fused_and_int8_graph_ships_validated(folders, tmp_path):
+    """[export] fuse + INT8 on a language model: onnxruntime's RMSNorm fusion applies, the quantized graph is the one
+    that ships (its perplexity is bounded), the ONNX/PyTorch checks run on its FP32 graph, and the runtime generates."""
+    from compressor.runtime import load as load_artifact
+
+    out = build(tmp_path, "qwen2", str(folders["qwen2"]), [], {"fuse": True, "quantize": "int8-dynamic"}, samples=None,
+                perplexity_windows=1, window_len=64, max_perplexity_ratio=100.0, greedy_prompts=1, greedy_tokens=4,
+                min_greedy_agreement=0.0)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["export"]["steps"] == ["fuse", "int8-dynamic"]
+    assert m["export"]["fusion"]["fused"].get("SimplifiedLayerNormalization", 0) >= 2
+    assert m["export"]["quantization"]["quantized_ops"].get("MatMulInteger", 0) > 0
+    v = m["validation"]
+    assert v["passed"] and v["graph"].startswith("shipped, quantized") and v["onnx_gap"] < 1e-3
+    assert v["perplexity_onnx"] != v["perplexity_onnx_fp32"]  # the shipped graph is the quantized one
+    assert not any(p.name.endswith(".fp32.onnx") for p in out.iterdir())
+    tokens = load_artifact(out).generate(ids_of(8)[0].tolist(), max_new_tokens=3, stop_on_eos=False)
+    assert len(tokens) == 3

@@ -242,7 +242,7 @@ def test_models_command_lists_every_family(capsys):
     assert all(f in table for f in rows)
 
 
-@pytest.mark.parametrize("model_type, nearest", [("vit_mae", "vit"), ("bert-generation", "bert"), ("whisper", None)])
+@pytest.mark.parametrize("model_type, nearest", [("vit_mae", "vit"), ("bert-generation", "bert"), ("wav2vec2", None)])
 def test_unsupported_type_names_the_nearest_family(model_type, nearest, tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
     if model_type == "vit_mae":  # once as a user runs it

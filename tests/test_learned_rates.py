@@ -9,7 +9,7 @@ import torch
 from compressor import Pipeline
 from compressor.errors import UsageError
 from compressor.passes import LearnedRates
-from compressor.passes.learned_rates.cost import FlopsCost
+from compressor.program.token_cost import TokenFlops
 from compressor.passes.learned_rates.rates import KeptCounts
 from compressor.passes.learned_rates.search import search_forward
 from compressor.program.encoder import TokenPlan
@@ -77,7 +77,7 @@ def test_budget_penalty_pulls_the_rates(minilm):
     ad, n, layers = handle.adapter, handle.num_tokens, handle.num_layers
     merge = KeptCounts(layers, n, 4, 4)
     merge.start_at([n] * layers)
-    cost = FlopsCost(handle)
+    cost = TokenFlops.of(handle)
     opt = torch.optim.Adam([merge.logits], lr=0.5)
     inputs = make_feeds(handle, "probe")
     seen = []

@@ -234,13 +234,13 @@ def test_dinov2_per_layer_slicing_equals_projecting_each_boundary():
     import copy
 
     from compressor.passes.slicegpt.pca import pca_keeping
-    from compressor.passes.slicegpt.vit_slicing import fold_layernorms, slice_per_layer_vit
+    from compressor.passes.slicegpt import slice_boundaries
 
     from .conftest import SMALL_IMAGE
 
     handle = load("example:dinov2-small", **SMALL_IMAGE)
     pixels = handle.example_inputs()[0]
-    fold_layernorms(handle.adapter)
+    handle.adapter.fold_norms()
     folded = copy.deepcopy(handle.adapter)
     rotations, kept = [], []
     pca = pca_keeping(0.01, kept)
@@ -250,7 +250,7 @@ def test_dinov2_per_layer_slicing_equals_projecting_each_boundary():
         return rotations[-1]
 
     widths = [256, 200, 312, 256] * 6 + [248]  # uneven, and the last boundary (the final norm's input) sliced too
-    slice_per_layer_vit(handle.adapter, [pixels], widths, recording_pca, normalize=True)
+    slice_boundaries(handle.adapter, [pixels], widths, recording_pca, normalize=True)
     assert [q.shape[1] for q in rotations] == widths and handle.adapter.layers[0].layer.mlp_shortcut.weight.shape == (312, 200)
     images = pixels + 0.1 * torch.randn(pixels.shape, generator=torch.Generator().manual_seed(0))  # not the calibration
     with torch.no_grad():

@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from compressor.cli.bars import progress_bars
 from compressor.cli.show import (PassPrinter, consoles, print_bench, print_inspect, print_models, print_passes,
                                  print_summary, write_json)
 from compressor.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CompressorError, UsageError
@@ -47,7 +48,8 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="replace an existing artifact at --output")] = False,
     budget: Annotated[Optional[str], typer.Option(
         metavar="KEY=VALUE", help="let the compiler pick the passes: speedup=2.0, flops=0.5, params=0.8 or latency_ms=120 "
-                                  "(measured ones on this machine; exit 3 if missed by more than 5%)")] = None,
+                                  "(measured ones on this machine; exit 3 if missed by more than 5%); a speed-up may "
+                                  "name its dense baseline: speedup=2.0,against=fused (static, fused or fused_int8)")] = None,
 ) -> None:
     """Compile a model into a validated ONNX artifact. Exit 3 if validation fails (nothing is published)."""
     from compressor.pipeline.recipe import Recipe, load_recipe, parse_pass_spec
@@ -84,14 +86,13 @@ def run(
     check_output_free(Path(output), force)  # now, not after minutes of passes
     from compressor.pipeline.build import run_recipe
 
-    with err.status("loading model...") as status:
+    with progress_bars(err, "loading model") as bars:
         if parsed_budget is not None:
             from compressor.pipeline.budget import run_budget
 
-            manifest = run_budget(parsed, parsed_budget, output, force=force, progress=lambda msg: status.update(f"{msg}..."))
+            manifest = run_budget(parsed, parsed_budget, output, force=force, progress=bars.step)
         else:
-            manifest = run_recipe(parsed, output, force=force, instruments=[PassPrinter(err)],
-                                  progress=lambda msg: status.update(f"{msg}..."))
+            manifest = run_recipe(parsed, output, force=force, instruments=[PassPrinter(err, bars)], progress=bars.step)
     print_summary(out, manifest, output)
     if "budget" in manifest:
         b = manifest["budget"]
@@ -173,10 +174,10 @@ def bench(
 
     err, out = consoles()
     providers = checked_providers(provider, allow_cpu_fallback, err)
-    with err.status("benchmarking...") as status:
+    with progress_bars(err, "benchmarking") as bars:
         result = bench_artifact(artifact, repeats=repeats, warmup=warmup, threads=threads, providers=providers,
                                 allow_fallback=allow_cpu_fallback, baselines=not no_baselines, samples=samples,
-                                progress=lambda msg: status.update(f"{msg}..."))
+                                progress=bars.step)
     print_bench(out, result, artifact)
     write_json(out, json_file, result)
 
@@ -211,9 +212,8 @@ def eval_(
     from compressor.export.bench import eval_perplexity
 
     err, out = consoles()
-    with err.status("evaluating...") as status:
-        result = eval_perplexity(artifact, perplexity, windows, window_len, threads,
-                                 progress=lambda msg: status.update(f"{msg}..."))
+    with progress_bars(err, "evaluating") as bars:
+        result = eval_perplexity(artifact, perplexity, windows, window_len, threads, progress=bars.step)
     out.print(f"perplexity over {result['windows']} windows of {result['window_len']} tokens of {perplexity}: "
               f"dense {result['perplexity_dense']:.3f}, compressed {result['perplexity_compressed']:.3f} "
               f"({result['ratio']:.2f}x)")

@@ -33,6 +33,9 @@ def _applicable_passes(adapter_cls) -> list[str]:
 
     handle = ModelHandle(adapter_cls.__new__(adapter_cls), source=None, shapes={})
     caps, applies = set(handle.capabilities), []
+    only = getattr(adapter_cls, "supported_passes", None)  # a family that lists its passes (speech) takes no other
+    if only is not None:
+        return sorted(n for n in only if n in REGISTRY)
     grew = True
     while grew:
         grew = False

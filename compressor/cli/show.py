@@ -24,11 +24,13 @@ def fmt_params(v: float) -> str:
 class PassPrinter:
     """A pass-manager instrument: one line before each pass, its schedule and cost after."""
 
-    def __init__(self, console):
-        self.console = console
+    def __init__(self, console, bars=None):
+        self.console, self.bars = console, bars
 
     def before_pass(self, p, index, total):
         self.console.print(f"pass {index + 1}/{total}: {p!r}")
+        if self.bars is not None:
+            self.bars.step(f"pass {index + 1}/{total}: {p.name}")
 
     def after_pass(self, p, record):
         info = record["info"]
@@ -59,6 +61,13 @@ def print_summary(out, manifest: dict, output) -> None:
                   f"greedy agreement {v['greedy_agreement']:.2f}")
         return
     counts = manifest["token_plan"]["token_counts"]
+    if "wer_compressed" in v:  # speech
+        t.add_row("audio tokens out of the encoder", str(counts[0]), str(counts[-1]))
+        t.add_row(f"WER ({v['clips']} synthesised clips)", f"{v['wer_dense']:.3f}", f"{v['wer_compressed']:.3f}")
+        out.print(t)
+        out.print(f"encoder FLOPs ratio {manifest['flops']['ratio']:.2f}x; WER vs dense transcripts {v['wer_compressed_vs_dense']:.3f}; "
+                  f"ONNX/PyTorch transcript agreement {v['export_agreement']:.2f}")
+        return
     t.add_row("tokens in -> out", f"{counts[0]} -> {counts[0]}", f"{counts[0]} -> {counts[-1]}")
     out.print(t)
     out.print(f"FLOPs ratio {manifest['flops']['ratio']:.2f}x; validation on {v['samples']} held-out samples: "
@@ -109,7 +118,10 @@ def print_inspect(out, info: dict, path: str) -> None:
         t.add_row("FLOPs", f"{fmt_flops(info['flops']['dense'])} dense -> {fmt_flops(info['flops']['compressed'])} ({info['flops']['ratio']:.2f}x)")
         t.add_row("params", f"{fmt_params(info['params']['dense'])} -> {fmt_params(info['params']['compressed'])}")
         val = info["validation"]
-        if "perplexity_onnx" in val:
+        if "wer_compressed" in val:  # speech
+            t.add_row("validation", f"passed={val['passed']} WER {val['wer_dense']:.3f} dense -> {val['wer_compressed']:.3f} "
+                      f"on {val['clips']} synthesised clips, ONNX/PyTorch agreement {val['export_agreement']:.2f}")
+        elif "perplexity_onnx" in val:
             t.add_row("validation", f"passed={val['passed']} perplexity {val['perplexity_dense_torch']:.3f} dense -> "
                       f"{val['perplexity_onnx']:.3f} ONNX, gap to PyTorch {val['onnx_gap']:.1e}, greedy agreement {val['greedy_agreement']:.2f}")
         else:
@@ -132,8 +144,14 @@ def print_bench(out, result: dict, artifact: str) -> None:
         for col in ("model", f"prefill {result['prefill_tokens']} (ms)", f"decode {result['decode_tokens']} (ms)", "params (M)"):
             t.add_column(col, justify="right")
         t.add_row("dense", f"{result['dense_ms']:.1f}", f"{result['decode_dense_ms']:.1f}", f"{result['params_dense'] / 1e6:.1f}")
+        for name, b in result.get("baselines", {}).items():
+            if name != "dense":
+                t.add_row(f"dense {name.replace('_', ' ')}", f"{b['prefill_ms']:.1f}", f"{b['decode_ms']:.1f}", "")
         t.add_row("compressed", f"{result['compressed_ms']:.1f}", f"{result['decode_compressed_ms']:.1f}", f"{result['params_compressed'] / 1e6:.1f}")
         t.add_row("speed-up", f"{result['speedup']:.2f}x", f"{result['decode_speedup']:.2f}x", "")
+        for name, b in result.get("baselines", {}).items():
+            if name != "dense":
+                t.add_row(f"speed-up vs {name.replace('_', ' ')}", f"{b['prefill_speedup']:.2f}x", f"{b['decode_speedup']:.2f}x", "")
     else:
         t = Table(title=f"{artifact}: {where}, median of {result['repeats']}")
         for col in ("model", "latency (ms)", "GFLOPs", "speed-up", "FLOPs ratio", "efficiency"):

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from compressor.export.validate import cosine_rows
-from compressor.runtime.model import bucket_graphs, route, run_in_batches
+from compressor.runtime.artifact import read_manifest
+from compressor.runtime.model import bucket_graphs, make_session, route, run_in_batches
 
 
 def length_distributions(manifest: dict, samples: int) -> dict[str, tuple[str, list]]:
@@ -178,3 +179,25 @@ def baseline_rows(result: dict) -> list[list[str]]:
 
 
 BASELINE_COLUMNS = ["distribution", "real tokens", "artifact (ms)", "vs static", "vs dynamic", "vs fused", "vs fused INT8"]
+
+
+def speedup_against(path: Path, against: str, repeats: int, warmup: int, threads: int = 2) -> dict:
+    """The artifact against one dense baseline (`static`, `fused` or `fused_int8`), interleaved, on the distribution
+    a static artifact is compiled for: text passages that fill its length (`long`), or held-out images."""
+    from compressor.export.baselines import dense_fused, dense_fused_int8
+    from compressor.export.bench import dense_export
+
+    manifest = read_manifest(path)
+    open_session = lambda p: make_session(p, threads=threads)  # noqa: E731
+    files = {"static": dense_export(manifest)}
+    if against == "fused":
+        files["fused"] = dense_fused(manifest)[0]
+    elif against == "fused_int8":
+        files["fused_int8"] = dense_fused_int8(manifest)
+    sessions = {"compressed": open_session(path / manifest["model_file"]), **{n: open_session(f) for n, f in files.items()}}
+    distributions = length_distributions(manifest, 2 * manifest["shapes"]["batch"])
+    name = "long" if "long" in distributions else "images"
+    what, raw = distributions[name]
+    row = time_distribution(path, manifest, raw, sessions, repeats, warmup)
+    dense, ours = row["ms"][against], row["ms"]["compressed"]
+    return {"against": against, "distribution": what, "dense_ms": dense, "compressed_ms": ours, "speedup": dense / ours}

@@ -124,3 +124,34 @@ def dense_fused_int8(manifest: dict) -> Path:
         quantize_int8_dynamic(fused, tmp, per_channel=True)
         tmp.rename(path)
     return path
+
+
+def dense_decoder_fused(manifest: dict, dense_path: Path, int8: bool = False) -> tuple[Path, dict]:
+    """A language model's dense export (our dynamic-shape decoder graph: no other exporter yields its KV-cache
+    layout) after onnxruntime's transformer optimizer, and with `int8` also INT8 dynamic (per channel): the
+    decoder baselines a user could deploy instead. Cached beside the other dense exports."""
+    from compressor.export.optimize import fuse_transformer, quantize_int8_dynamic
+
+    folder = _folder(manifest, "fused-decoder")
+    fused, about = folder / MODEL_FILE, folder / "fusion.json"
+    if not fused.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        # heads and width 0: the optimizer reads them from the dense graph (the artifact's may be pruned or sliced)
+        record = fuse_transformer(dense_path, folder / f".{MODEL_FILE}.tmp", manifest["source"]["model_type"], 0, 0)
+        if not record["model_type"]:
+            (folder / f".{MODEL_FILE}.tmp").write_bytes(dense_path.read_bytes())
+        record["exporter"] = "dynamo (ours, dense)"
+        about.write_text(json.dumps(record))
+        (folder / f".{MODEL_FILE}.tmp").rename(fused)
+    record = json.loads(about.read_text())
+    if not int8:
+        return fused, record
+    path, about_int8 = folder / "model.int8.onnx", folder / "int8.json"
+    if not path.exists():
+        from compressor.export.optimize import keep_float_modules
+
+        # the same FP32 exceptions as our decoder artifacts get: the strongest INT8 baseline we know how to build
+        keep = keep_float_modules(source_handle(manifest).adapter)
+        about_int8.write_text(json.dumps(quantize_int8_dynamic(fused, folder / ".model.int8.onnx.tmp", True, keep)))
+        (folder / ".model.int8.onnx.tmp").rename(path)
+    return path, dict(record, quantization=json.loads(about_int8.read_text()))

@@ -15,6 +15,7 @@ import statistics
 import time
 from pathlib import Path
 
+from compressor.pipeline.progress import track
 from compressor.runtime.artifact import read_manifest
 from compressor.runtime.model import make_session
 
@@ -71,7 +72,7 @@ def time_interleaved(sessions: dict, feeds: dict, repeats: int, warmup: int) -> 
         for n in names:
             sessions[n].run(None, feeds)
     times = {n: [] for n in names}
-    for i in range(repeats):
+    for i in track(range(repeats), f"timing {len(names)} models"):
         order = names if i % 2 == 0 else names[::-1]
         for n in order:
             t = time.perf_counter()
@@ -91,11 +92,15 @@ def bench_artifact(path: str | Path, repeats: int = 20, warmup: int = 3, threads
     step = progress or (lambda msg: None)
     path = Path(path)
     manifest = read_manifest(path, verify=True)
+    if manifest["preprocess"]["kind"] == "speech":
+        raise UsageError("compress bench does not time speech artifacts yet; benchmarks/whisper.py measures Whisper's "
+                         "encoder speed-up and word error rate")
     open_session = lambda p: make_session(p, providers, threads, allow_fallback)  # noqa: E731
     step("exporting the dense baseline (cached after the first time)")
     dense_path = dense_export(manifest)
     if manifest["preprocess"]["kind"] == "causal_lm":
-        return bench_decoder(path, manifest, dense_path, repeats, warmup, threads, step, providers, allow_fallback)
+        return bench_decoder(path, manifest, dense_path, repeats, warmup, threads, step, providers, allow_fallback,
+                             baselines)
     feeds = held_out_batch(path, manifest)
     sessions = {"dense": open_session(dense_path), "compressed": open_session(path / manifest["model_file"])}
     step(f"timing {repeats} interleaved runs per model")
@@ -132,28 +137,36 @@ def bench_artifact(path: str | Path, repeats: int = 20, warmup: int = 3, threads
 
 
 def bench_decoder(path: Path, manifest: dict, dense_path: Path, repeats: int, warmup: int, threads: int, step,
-                  providers=None, allow_fallback: bool = False,
+                  providers=None, allow_fallback: bool = False, baselines: bool = True,
                   prefill_len: int = 512, decode_tokens: int = 64, context: int = 128) -> dict:
-    """Prefill of 1 x prefill_len tokens, and decode_tokens greedy steps after a context, dense vs compressed."""
+    """Prefill of 1 x prefill_len tokens, and decode_tokens greedy steps after a context: the artifact against the
+    dense export (top-level fields) and, with `baselines`, against that export fused by onnxruntime's optimizer,
+    in FP32 and INT8 (`baselines`), all timed interleaved in one run."""
     from compressor.runtime.lm import CausalLM
 
+    from compressor.export.baselines import dense_decoder_fused
     from compressor.sources.lm_data import held_out_windows
 
-    dense_manifest = dict(manifest, model_file=dense_path.name, **_dense_decoder_layout(dense_path, manifest))
     on = dict(threads=threads, providers=providers, allow_fallback=allow_fallback)
-    models = {"dense": CausalLM(dense_path.parent, dense_manifest, **on), "compressed": CausalLM(path, manifest, **on)}
+    dense_files = {"dense": (dense_path, {})}
+    if baselines:
+        step("fusing the dense decoder (cached after the first time)")
+        dense_files["fused"] = dense_decoder_fused(manifest, dense_path)
+        dense_files["fused_int8"] = dense_decoder_fused(manifest, dense_path, int8=True)
+    models = {n: CausalLM(p.parent, dict(manifest, model_file=p.name, **_dense_decoder_layout(p, manifest)), **on)
+              for n, (p, _) in dense_files.items()}
+    models["compressed"] = CausalLM(path, manifest, **on)
     tokenizer = path / manifest["preprocess"]["tokenizer"]
     window = held_out_windows(tokenizer, prefill_len, 1)[0]
     prefill = {n: _Call(lambda m=m: m.logits(window)) for n, m in models.items()}
     step(f"timing prefill of {prefill_len} tokens, {repeats} interleaved runs")
-    t_prefill = time_interleaved(prefill, {}, repeats, warmup)
+    t_prefill = {n: statistics.median(t) for n, t in time_interleaved(prefill, {}, repeats, warmup).items()}
     decode = {n: _Call(lambda m=m: list(m.stream(window[:context].tolist(), decode_tokens, stop_on_eos=False)))
               for n, m in models.items()}
     step(f"timing {decode_tokens} decode steps after {context} tokens")
-    t_decode = time_interleaved(decode, {}, max(3, repeats // 4), min(warmup, 1))
-    pd, pc = statistics.median(t_prefill["dense"]), statistics.median(t_prefill["compressed"])
-    dd, dc = statistics.median(t_decode["dense"]), statistics.median(t_decode["compressed"])
-    return {
+    t_decode = {n: statistics.median(t) for n, t in time_interleaved(decode, {}, max(3, repeats // 4), min(warmup, 1)).items()}
+    pd, pc, dd, dc = t_prefill["dense"], t_prefill["compressed"], t_decode["dense"], t_decode["compressed"]
+    result = {
         "artifact": str(path), "source": manifest["source"]["spec"], "threads": threads, "repeats": repeats,
         "dense_ms": pd, "compressed_ms": pc, "speedup": pd / pc,
         "prefill_tokens": prefill_len,
@@ -162,8 +175,17 @@ def bench_decoder(path: Path, manifest: dict, dense_path: Path, repeats: int, wa
         "flops_ratio": manifest["flops"]["ratio"], "efficiency": (pd / pc) / manifest["flops"]["ratio"],
         "dense_flops": manifest["flops"]["dense"], "compressed_flops": manifest["flops"]["compressed"],
         "params_dense": manifest["params"]["dense"], "params_compressed": manifest["params"]["compressed"],
-        "baselines_note": "decoders: dense at the same dynamic shapes only (no fused decoder baseline yet)",
+        "graph": manifest.get("export", {}).get("steps", []),
     }
+    if baselines:
+        result["baselines"] = {
+            n: {"prefill_ms": t_prefill[n], "prefill_speedup": t_prefill[n] / pc,
+                "decode_ms": t_decode[n], "decode_speedup": t_decode[n] / dc, **about}
+            for n, (_, about) in dense_files.items()}
+        result["baselines_note"] = ("decoders: our dense dynamic-shape export (`dense`), it after onnxruntime's "
+                                    "transformer optimizer (`fused`), and that in INT8 dynamic per channel (`fused_int8`)")
+        result["load_average"] = list(os.getloadavg())
+    return result
 
 
 def _dense_decoder_layout(dense_path: Path, manifest: dict) -> dict:

@@ -71,7 +71,8 @@ def compile_buckets(handle, original, tmp: Path, options, cfg, source, result: d
             stats = export_onnx(small, tmp, file_name=name)
             record, lowered = deploy_graph(tmp / name, options, handle.adapter, step)
             step(f"bucket {bucket}: validating on held-out inputs")
-            checked = validate(small, make_session(tmp / name), cfg, source, original.program(dense=True), lowered)
+            checked = validate(small, make_session(tmp / name), cfg, source, original.program(dense=True),
+                               make_session(lowered) if lowered else None)
             lowered_path(tmp / name).unlink(missing_ok=True)
             checked["data"] += f", cut to {bucket} tokens"
             entries.append({"seq_len": bucket, "model_file": name,

@@ -65,10 +65,11 @@ def compile_artifact(handle, output: str | Path, validation=None, *, force: bool
     deployment rewrites (ExportOptions or a raw [export] table; default: the recipe's [export] keys fuse/quantize).
     """
     output = Path(output)
+    if handle.adapter.modality == "audio":
+        raise UsageError("speech models compile through compressor.export.speech.compile_speech (or `compress run`), "
+                         "which exports the encoder, cross keys/values and decoder")
     cfg = validation_config(handle.adapter.modality, validation)
     options = export_options(options if options is not None else (recipe or {}).get("export"))
-    if options.active and handle.adapter.modality == "causal_lm":
-        raise UsageError("[export] fuse/quantize apply to encoders; language-model artifacts are exported as lowered")
     check_buckets(options, handle.adapter.modality, handle.shapes.get("seq_len"))
     data = data or {}
     check_output(output, force)
@@ -81,7 +82,7 @@ def compile_artifact(handle, output: str | Path, validation=None, *, force: bool
         for name in handle.adapter.artifact_files():
             shutil.copy2(Path(handle.adapter.folder) / name, tmp / name)
         if handle.adapter.modality == "causal_lm":
-            stats, result = _compile_decoder(handle, tmp, cfg, step)
+            stats, result, deployed = _compile_decoder(handle, tmp, cfg, options, step)
         else:
             step("capturing and lowering to ONNX")
             stats = export_onnx(handle, tmp)
@@ -91,27 +92,24 @@ def compile_artifact(handle, output: str | Path, validation=None, *, force: bool
             step("validating on held-out inputs")
             source = data.get("texts") if handle.adapter.modality == "text" else data.get("images")
             original = load_handle(handle.source.reload_spec, **handle.shapes)
-            result = validate(handle, make_session(tmp / MODEL_FILE), cfg, source, original.program(dense=True), lowered)
+            result = validate(handle, make_session(tmp / MODEL_FILE), cfg, source, original.program(dense=True),
+                              make_session(lowered) if lowered else None)
             lowered_path(tmp / MODEL_FILE).unlink(missing_ok=True)
             if options.buckets:
                 from compressor.export.buckets import compile_buckets
 
                 deployed["buckets"] = compile_buckets(handle, original, tmp, options, cfg, source, result, step)
         manifest = build_manifest(handle, dense, stats, result, recipe)
-        if handle.adapter.modality != "causal_lm":
-            manifest["export"] = deployed
-        manifest["files"] = hash_folder(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if not result["passed"]:
-            raise ValidationFailed("validation failed, nothing published: " + "; ".join(result["failures"]))
-        publish(tmp, output)
+        manifest["export"] = deployed
+        publish_validated(tmp, manifest, result, output)
         return manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _compile_decoder(handle, tmp: Path, cfg, step):
-    """Language models: one dynamic-shape graph, a stock transformers folder beside it, validation on held-out text."""
+def _compile_decoder(handle, tmp: Path, cfg, options, step):
+    """Language models: one dynamic-shape graph (fused and quantized if asked), a stock transformers folder beside it,
+    validation on held-out text (perplexity on the graph that ships; ONNX vs PyTorch on its FP32 graph)."""
     from compressor.runtime.lm import CausalLM
 
     from compressor.export.onnx import lower_decoder_to_onnx
@@ -123,11 +121,17 @@ def _compile_decoder(handle, tmp: Path, cfg, step):
     lower_decoder_to_onnx(handle.program(), handle.adapter, tmp / MODEL_FILE)
     if handle.adapter.transformers_loadable:
         write_transformers_folder(handle, tmp, step)
+    deployed, lowered = deploy_graph(tmp / MODEL_FILE, options, handle.adapter, step)
     step("validating on held-out text")
     partial = build_manifest(handle, stats, stats, {}, None)
     lm = CausalLM(tmp, partial)
+    before = CausalLM(tmp, dict(partial, model_file=lowered.name)) if lowered else None
     reference, _ = load_source(handle.source.reload_spec)
-    return stats, validate_lm(handle, lm, reference, cfg)
+    result = validate_lm(handle, lm, reference, cfg, before)
+    if lowered:
+        del before
+        lowered.unlink(missing_ok=True)
+    return stats, result, deployed
 
 
 def write_transformers_folder(handle, tmp: Path, step) -> None:
@@ -138,6 +142,16 @@ def write_transformers_folder(handle, tmp: Path, step) -> None:
     for name in handle.adapter.artifact_files() + [n for n in SENTENCE_TRANSFORMERS_FILES if (folder / n).exists()]:
         (tmp / HF_FOLDER / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(folder / name, tmp / HF_FOLDER / name)
+
+
+def publish_validated(folder: Path, manifest: dict, result: dict, output: Path) -> None:
+    """Hash every file into the manifest, write it, and publish the folder only if validation passed (exit 3 and
+    nothing published otherwise)."""
+    manifest["files"] = hash_folder(folder)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if not result["passed"]:
+        raise ValidationFailed("validation failed, nothing published: " + "; ".join(result["failures"]))
+    publish(folder, output)
 
 
 def publish(tmp: Path, output: Path) -> None:

@@ -94,7 +94,10 @@ def _all_keys() -> set[str]:
 
     from compressor.export.validate_lm import LMValidationConfig
 
-    return {f.name for f in fields(ValidationConfig)} | {f.name for f in fields(LMValidationConfig)}
+    from compressor.export.speech import SpeechValidation
+
+    return ({f.name for f in fields(ValidationConfig)} | {f.name for f in fields(LMValidationConfig)}
+            | {f.name for f in fields(SpeechValidation)})
 
 
 VALIDATION_KEYS = _all_keys()
@@ -107,7 +110,9 @@ def validation_config(modality: str, raw: dict | None):
     from compressor.errors import UsageError
     from compressor.export.validate_lm import LMValidationConfig
 
-    cls = LMValidationConfig if modality == "causal_lm" else ValidationConfig
+    from compressor.export.speech import SpeechValidation
+
+    cls = {"causal_lm": LMValidationConfig, "audio": SpeechValidation}.get(modality, ValidationConfig)
     if isinstance(raw, cls):
         return raw
     raw = dict(raw or {})

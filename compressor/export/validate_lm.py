@@ -64,21 +64,28 @@ def torch_greedy(program, adapter, ids: list[int], steps: int, eos: set[int]) ->
     return out
 
 
-def validate_lm(handle, lm, reference_adapter, cfg: LMValidationConfig) -> dict:
-    """`lm` is the runtime CausalLM over the freshly written ONNX; `reference_adapter` holds the original model."""
+def validate_lm(handle, lm, reference_adapter, cfg: LMValidationConfig, lowered=None) -> dict:
+    """`lm` is the runtime CausalLM over the freshly written ONNX; `reference_adapter` holds the original model.
+
+    When the shipped graph was quantized, `lowered` runs its FP32 graph from before: the ONNX vs PyTorch checks
+    (perplexity gap, greedy agreement) are made on it, the perplexity bound on the shipped graph, and the quantized
+    graph's own greedy agreement is reported beside them."""
     from compressor.program.decoder import DecoderProgram
 
     windows = held_out_windows(handle.adapter.tokenizer_file, cfg.window_len, cfg.perplexity_windows)
     ours = handle.program()
     ppl_dense = torch_perplexity(program_logits(DecoderProgram(reference_adapter), reference_adapter), windows)
     ppl_torch = torch_perplexity(program_logits(ours, handle.adapter), windows)
+    exact = lowered or lm
     ppl_onnx = lm.perplexity(windows)
-    agree = []
+    ppl_exact = exact.perplexity(windows) if lowered else ppl_onnx
+    agree, agree_shipped = [], []
     for prompt in held_out_prompts(cfg.greedy_prompts):
         ids = lm.encode(prompt)
         expected = torch_greedy(ours, handle.adapter, ids, cfg.greedy_tokens, lm.eos_token_ids)
-        got = lm.generate(ids, max_new_tokens=cfg.greedy_tokens)
-        agree.append(got == expected)
+        agree.append(exact.generate(ids, max_new_tokens=cfg.greedy_tokens) == expected)
+        if lowered:
+            agree_shipped.append(lm.generate(ids, max_new_tokens=cfg.greedy_tokens) == expected)
     result = {
         "windows": int(len(windows)),
         "window_len": cfg.window_len,
@@ -87,15 +94,19 @@ def validate_lm(handle, lm, reference_adapter, cfg: LMValidationConfig) -> dict:
         "perplexity_torch": ppl_torch,
         "perplexity_onnx": ppl_onnx,
         "perplexity_ratio": ppl_onnx / ppl_dense,
-        "onnx_gap": abs(ppl_onnx - ppl_torch) / ppl_torch,
+        "onnx_gap": abs(ppl_exact - ppl_torch) / ppl_torch,
         "greedy_agreement": float(np.mean(agree)) if agree else 1.0,
         "thresholds": cfg.to_json(),
+        "graph": "shipped, quantized (ONNX/PyTorch gap and greedy agreement on its FP32 graph)" if lowered else "shipped",
     }
+    if lowered:
+        result["perplexity_onnx_fp32"] = ppl_exact
+        result["greedy_agreement_quantized"] = float(np.mean(agree_shipped)) if agree_shipped else 1.0
     failures = []
     if result["perplexity_ratio"] > cfg.max_perplexity_ratio:
         failures.append(f"perplexity {ppl_onnx:.3f} is {result['perplexity_ratio']:.2f}x dense {ppl_dense:.3f} (max {cfg.max_perplexity_ratio})")
     if result["onnx_gap"] > cfg.max_onnx_gap:
-        failures.append(f"ONNX perplexity {ppl_onnx:.4f} differs from PyTorch {ppl_torch:.4f} by {result['onnx_gap']:.2e} (max {cfg.max_onnx_gap})")
+        failures.append(f"ONNX perplexity {ppl_exact:.4f} differs from PyTorch {ppl_torch:.4f} by {result['onnx_gap']:.2e} (max {cfg.max_onnx_gap})")
     if result["greedy_agreement"] < cfg.min_greedy_agreement:
         failures.append(f"greedy agreement {result['greedy_agreement']:.2f} < {cfg.min_greedy_agreement}")
     result["passed"] = not failures

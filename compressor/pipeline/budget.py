@@ -31,22 +31,46 @@ TOLERANCE = 0.05  # measured speed-up may miss the requested one by 5% (the issu
 ATTEMPTS = 6
 
 
+AGAINST = ("static", "fused", "fused_int8")  # the dense deployment a speed-up budget is measured against
+
+
 @dataclass(frozen=True)
 class Budget:
     key: str
     value: float
     tolerance: float = TOLERANCE
+    against: str = "static"
 
     @property
     def measured(self) -> bool:
         return self.key in ("speedup", "latency_ms")
 
     def to_json(self) -> dict:
-        return {self.key: self.value, "tolerance": self.tolerance}
+        out = {self.key: self.value, "tolerance": self.tolerance}
+        if self.key == "speedup":
+            out["against"] = self.against
+        return out
 
 
 def parse_budget(spec: str) -> Budget:
-    key, sep, value = spec.partition("=")
+    """KEY=VALUE, and for a speed-up optionally `,against=static|fused|fused_int8` (default static: the dense
+    export at the artifact's shapes; fused: that model exported as optimum does and fused by onnxruntime; fused_int8:
+    also INT8)."""
+    main, _, rest = spec.partition(",")
+    against = "static"
+    if rest:
+        name, sep, value = rest.partition("=")
+        if name.strip() != "against" or not sep or value.strip() not in AGAINST:
+            raise UsageError(f"--budget takes KEY=VALUE[,against={'|'.join(AGAINST)}]; got '{spec}'")
+        against = value.strip()
+    budget = _parse_key_value(main, spec)
+    if rest and budget.key != "speedup":
+        raise UsageError(f"--budget against= applies to speedup budgets (a ratio to a dense deployment), not {budget.key}")
+    return Budget(budget.key, budget.value, against=against)
+
+
+def _parse_key_value(main: str, spec: str) -> Budget:
+    key, sep, value = main.partition("=")
     key = key.strip()
     if not sep or key not in KEYS:
         raise UsageError(f"--budget takes KEY=VALUE with KEY one of {', '.join(KEYS)}; got '{spec}'")
@@ -67,6 +91,8 @@ def check_budget_recipe(recipe) -> None:
     """A budget picks the passes: a recipe that names its own is refused (one line), before anything loads."""
     if recipe.passes:
         raise UsageError("--budget picks the passes itself; give either --budget or passes (--pass or a recipe's [[passes]]), not both")
+    if modality_of(recipe) == "audio":
+        raise UsageError("--budget does not apply to speech models yet; give token_merge a rate (e.g. --pass token_merge:r=150)")
 
 
 def passes_for(handle, keep_flops: float | None = None, keep_params: float | None = None) -> list:
@@ -157,12 +183,17 @@ def search_speed_with_int8(recipe, budget: Budget, build, scratch: list[Path], s
 
 
 def is_language_model(recipe) -> bool:
-    """From the folder's config alone (no weights loaded): deployment rewrites apply to encoders only."""
+    """From the folder's config alone (no weights loaded). The fusions + INT8 retry is for encoders, where it buys
+    speed for less quality than more token reduction; a language model's budget drives width pruning, and its INT8
+    is the recipe's choice ([export] quantize), since it costs perplexity the budget does not see."""
+    return modality_of(recipe) == "causal_lm"
+
+
+def modality_of(recipe) -> str:
     from compressor.models import adapter_for
     from compressor.sources.source import read_model_type, resolve_folder
 
-    folder = resolve_folder(recipe.source)
-    return adapter_for(read_model_type(folder, recipe.source)).modality == "causal_lm"
+    return adapter_for(read_model_type(resolve_folder(recipe.source), recipe.source)).modality
 
 
 def analytic_measure(manifest: dict) -> dict:
@@ -173,8 +204,6 @@ def analytic_measure(manifest: dict) -> dict:
 
 def search_speed(budget: Budget, build, scratch: list[Path], step):
     """Rescale the FLOPs target by the speed-up still missing until the measured one lands within tolerance."""
-    from compressor.export.bench import bench_artifact
-
     target = budget.value if budget.key == "speedup" else None  # latency_ms: known once the dense model is timed
     keep, best, tried = (1.0 / target if target else 0.6), None, []
     for i, folder in enumerate(scratch):
@@ -192,7 +221,7 @@ def search_speed(budget: Budget, build, scratch: list[Path], step):
             step(f"budget attempt {i + 1} failed validation; reducing less")
             keep = (keep + 1.0) / 2  # half way back towards dense
             continue
-        bench = bench_artifact(folder, repeats=10, warmup=2, baselines=False)
+        bench = measure_speed(folder, budget.against)
         if target is None:
             target = bench["dense_ms"] / budget.value
             if target <= 1.0:
@@ -209,6 +238,25 @@ def search_speed(budget: Budget, build, scratch: list[Path], step):
         tried.append((keep, speedup))
         keep = next_keep(tried, target)
     return best
+
+
+def measure_speed(folder: Path, against: str) -> dict:
+    """The artifact's speed-up over the dense deployment the budget names (`speedup`, `dense_ms`, `compressed_ms`):
+    the dense export at its shapes (static), or that model fused by onnxruntime, in FP32 or INT8; language models by
+    a 512-token prefill, text encoders on passages that fill the compiled length, images on held-out images."""
+    from compressor.export.bench import bench_artifact
+
+    if against == "static":
+        return bench_artifact(folder, repeats=10, warmup=2, baselines=False)
+    from compressor.runtime.artifact import read_manifest
+
+    if read_manifest(folder)["preprocess"]["kind"] == "causal_lm":
+        bench = bench_artifact(folder, repeats=5, warmup=1)
+        base = bench["baselines"][against]
+        return dict(bench, speedup=base["prefill_speedup"], dense_ms=base["prefill_ms"])
+    from compressor.export.baseline_bench import speedup_against
+
+    return speedup_against(folder, against, repeats=10, warmup=2)
 
 
 def next_keep(tried: list[tuple[float, float]], target: float) -> float:

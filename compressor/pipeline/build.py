@@ -14,6 +14,10 @@ def run_recipe(recipe: Recipe, output, *, force: bool = False, instruments=None,
     check_output(Path(output), force)  # before minutes of passes, not after
     resolve_recipe(recipe)  # the manifest records every default that was filled in
     handle = load(recipe.source, **recipe.export)
+    if handle.adapter.modality == "audio":
+        from compressor.export.speech import compile_speech_handle
+
+        return compile_speech_handle(handle, recipe, output, force=force, instruments=instruments, progress=progress)
     Pipeline(recipe.passes, instruments).run(handle)
     return compile_artifact(handle, output, recipe.validation, force=force, data=recipe.data,
                             recipe=recipe.to_dict(), progress=progress)

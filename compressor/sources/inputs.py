@@ -77,5 +77,9 @@ def make_feeds(handle, part: str = "probe", source: str | None = None) -> tuple[
 
         ids = calibration_windows(handle.adapter.tokenizer_file, handle.shapes["batch"], handle.shapes["seq_len"], seed=0)
         return prefill_inputs(handle.adapter, ids)
+    if handle.adapter.modality == "audio":
+        from compressor.sources.speech import speech_features
+
+        return (torch.from_numpy(speech_features(handle.adapter.folder, part, handle.shapes["batch"])),)
     batch = feed_batches(handle, part, handle.shapes["batch"], source)[0]
     return tuple(torch.from_numpy(batch[s.name]) for s in handle.input_specs())

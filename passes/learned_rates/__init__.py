@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from compressor.pipeline.progress import track
 from compressor.errors import UsageError
 from compressor.models import PAD
 from compressor.pipeline.pass_base import Pass, PassResult, register
 from compressor.program.encoder import EncoderProgram, TokenPlan
 
-from .cost import FlopsCost, hard_counts
+from compressor.program.token_cost import TokenFlops, hard_counts, smallest_rate
 from .latency import flops_for_latency, measured_ratio, retarget
 from .rates import KeptCounts
 from .search import EPS, layer_counts, search_forward
@@ -96,7 +97,7 @@ class LearnedRates(Pass):
         floor = protected + 2
         prune = KeptCounts(layers, tokens, floor, cfg.granularity) if use_prune else None
         merge = KeptCounts(layers, tokens, floor, cfg.granularity) if cfg.merge else None
-        cost = FlopsCost(handle)
+        cost = TokenFlops.of(handle)
         start = time.perf_counter()
         target, latency = cfg.flops, None
         if cfg.latency is not None:
@@ -111,7 +112,7 @@ class LearnedRates(Pass):
         epochs = -(-cfg.steps * cfg.batch // cfg.calibration_samples)
         order = torch.cat([torch.randperm(cfg.calibration_samples, generator=g) for _ in range(epochs)])
         trace = []
-        for step in range(cfg.steps):
+        for step in track(range(cfg.steps), "learning rates (search steps)"):
             idx = order[step * cfg.batch:(step + 1) * cfg.batch]
             pooled, stream, sched = search_forward(ad, tuple(t[idx] for t in inputs), prune, merge, cfg.proportional_attention)
             fidelity = distill_loss(pooled, stream, teacher[0][idx], teacher[1][idx], cfg.hidden_weight)
@@ -205,22 +206,21 @@ def distill_loss(pooled, stream, t_pooled, t_hidden, hidden_weight: float) -> to
     return loss + hidden_weight * (err * w).sum() / w.sum().clamp(min=1.0)
 
 
-def hand_schedules(tokens: int, layers: int, protected: int, cost: FlopsCost, target: float) -> list[list[int]]:
+def hand_schedules(tokens: int, layers: int, protected: int, cost: TokenFlops, target: float) -> list[list[int]]:
     """token_merge's constant schedules (decay 1, 0.9, 0.7, 0.5), each with the smallest first-layer r meeting the
     budget, as per-layer reduction counts."""
     from compressor.passes.token_merge import constant_schedule
 
     out = []
     for decay in DECAYS:
-        for r in range(1, tokens):
-            schedule = constant_schedule(r, tokens, layers, protected, decay)
-            if cost.fraction(hard_counts([0] * layers, schedule, tokens)) <= target:
-                out.append(schedule)
-                break
+        found = smallest_rate(lambda r: constant_schedule(r, tokens, layers, protected, decay),
+                              lambda s: cost.fraction(hard_counts([0] * layers, s, tokens)) <= target, tokens, start=1)
+        if found is not None:
+            out.append(found)
     return out or [constant_schedule(tokens, tokens, layers, protected)]
 
 
-def warm_start(ad, prune, merge, inputs, teacher, cfg, cost: FlopsCost, target: float) -> dict:
+def warm_start(ad, prune, merge, inputs, teacher, cfg, cost: TokenFlops, target: float) -> dict:
     """Centre the rates on the best hand schedule: token_merge's constant schedules at the budget, as merging and
     (where pruning is learned) as pruning from the second block, each scored by the search loss on the first
     calibration batch; the other reduction starts at none. Returns the chosen start and every start's loss."""
@@ -269,7 +269,7 @@ def schedule_at(prune: KeptCounts | None, merge: KeptCounts | None, tokens: int,
     return prunes, merges
 
 
-def fit_budget(prune, merge, tokens, protected, cost: FlopsCost, target: float) -> tuple[float, tuple[list[int], list[int]]]:
+def fit_budget(prune, merge, tokens, protected, cost: TokenFlops, target: float) -> tuple[float, tuple[list[int], list[int]]]:
     """The tilt (and its schedule) whose FLOPs are the largest not above the target, by bisection (the fraction
     falls as the tilt grows)."""
     def fraction(t: float) -> float:

@@ -19,11 +19,11 @@ from compressor.errors import UsageError
 from compressor.export.timing import LATENCY_ATTEMPTS, LATENCY_TOLERANCE, time_handles
 from compressor.program.encoder import TokenPlan
 
-from .cost import FlopsCost, hard_counts
+from compressor.program.token_cost import TokenFlops, hard_counts
 
 
 
-def reference_schedule(handle, cost: FlopsCost, keep: float) -> list[int]:
+def reference_schedule(handle, cost: TokenFlops, keep: float) -> list[int]:
     """token_merge's constant r whose FLOPs fraction is closest to `keep`, or to half the FLOPs if that is lower (a
     second point for the line, far enough from dense that the difference stands out of the timing noise)."""
     keep = min(keep, 0.5)
@@ -34,7 +34,7 @@ def reference_schedule(handle, cost: FlopsCost, keep: float) -> list[int]:
     return min(options, key=lambda s: abs(cost.fraction(hard_counts([0] * layers, s, tokens)) - keep))
 
 
-def flops_for_latency(handle, cost: FlopsCost, keep: float, threads: int, proportional: bool) -> tuple[float, dict]:
+def flops_for_latency(handle, cost: TokenFlops, keep: float, threads: int, proportional: bool) -> tuple[float, dict]:
     """The FLOPs fraction whose predicted latency is `keep` of the dense model's, and the measurements behind it."""
     merges = reference_schedule(handle, cost, keep)
     reference = dataclasses.replace(handle, plan=TokenPlan(merges=merges, proportional_attention=proportional))

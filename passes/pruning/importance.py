@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from compressor.pipeline.progress import track
+
 from .calibration import real_tokens, walk
 
 
@@ -91,7 +93,7 @@ def calibrate(handle, batches, fisher: bool, gram: bool, seed: int = 0) -> Calib
         handles.append(l.fc_out.register_forward_pre_hook(hook(out.channels[i], channel_masks[i], 1)))
     g = torch.Generator().manual_seed(seed)
     try:
-        for batch in batches:
+        for batch in track(batches, "calibrating (batches)"):
             singles = zip(*(t.split(1) for t in batch)) if fisher else [batch]
             for inputs in singles:
                 state["tokens"] = real = real_tokens(handle, inputs).reshape(-1)
