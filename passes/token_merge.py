@@ -6,7 +6,8 @@ The schedule (tokens merged per layer) is resolved at compile time from `r` (con
 merges protected tokens or more than half of the rest (counted after an earlier token_prune's drops).
 
 `method = "pitome"` (Tran et al., NeurIPS 2024) merges only the 2r highest-energy tokens (those with many close
-neighbours), so isolated, informative tokens are protected; see compressor/program/merging.py.
+neighbours), so isolated, informative tokens are protected; `method = "pitome_text"` ranks by the reference code's
+text energy (a Gaussian kernel of 1 - cos) instead of the vision ELU; see compressor/program/merging.py.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class TokenMergeConfig:
     reduction: float | None = field(default=None, metadata={"help": "target FLOPs reduction in (0, 1), e.g. 0.4; the pass picks the smallest constant r reaching it"})
     decay: float = field(default=1.0, metadata={"help": "per-layer factor on r: 1 keeps r constant, 0.5 halves it each layer (front-loaded merging)"})
     proportional_attention: bool = field(default=True, metadata={"help": "add log(token size) to attention logits"})
-    method: str = field(default="tome", metadata={"help": "tome (bipartite matching over all tokens) or pitome (only the 2r highest-energy tokens merge)"})
+    method: str = field(default="tome", metadata={"help": "tome (bipartite matching over all tokens), pitome (only the 2r highest-energy tokens merge; ELU energy, the paper's vision variant) or pitome_text (the same with its text variant's Gaussian energy)"})
 
     def __post_init__(self):
         if self.method not in MERGE_METHODS:

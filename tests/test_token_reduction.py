@@ -99,7 +99,9 @@ def test_fusion_keeps_every_real_token_once(text_handle):
     assert enc.hidden.shape[1] == 64 - 25
 
 
-def test_pitome_merges_only_high_energy_tokens_on_real_keys(text_handle):
+@pytest.mark.parametrize("kernel", ["elu", "gaussian"])
+def test_pitome_merges_only_high_energy_tokens_on_real_keys(text_handle, kernel):
+    """Both energies (the paper's vision ELU, its reference code's text Gaussian): real tokens merge by energy rank."""
     h = text_handle
     ids, mask = h.example_inputs()
     x, kinds = h.adapter.embed(ids, mask)
@@ -107,7 +109,7 @@ def test_pitome_merges_only_high_energy_tokens_on_real_keys(text_handle):
         metric = h.adapter.layers[0].attention(x, torch.where(kinds == PAD, -1e9, 0.0)).metric
     r = 12
     margin = pitome_margin(0, h.num_layers)
-    m = pitome_matching(metric, kinds, r, margin)
+    m = pitome_matching(metric, kinds, r, margin, kernel)
     src_kinds, dst_kinds = kinds.gather(1, m.src_idx), kinds.gather(1, m.dst_idx)
     assert not (src_kinds == PROTECTED).any() and not (dst_kinds == PROTECTED).any(), "CLS/SEP never merge"
     assert not ((src_kinds == NORMAL) & (dst_kinds == PAD)).any(), "a real token never disappears into padding"
@@ -116,7 +118,10 @@ def test_pitome_merges_only_high_energy_tokens_on_real_keys(text_handle):
     assert size.shape[1] == kinds.shape[1] - r and (new_kinds[:, 0] == PROTECTED).all()
     assert torch.equal((kinds != PAD).sum(1).float(), (size[..., 0] * (new_kinds != PAD)).sum(1))
     # rows without enough padding merge real tokens: exactly those with the highest energy
-    energy, _ = energy_scores(metric, kinds, margin)
+    energy, _ = energy_scores(metric, kinds, margin, kernel=kernel)
+    other, _ = energy_scores(metric, kinds, margin, kernel="gaussian" if kernel == "elu" else "elu")
+    real = kinds == NORMAL
+    assert not torch.equal(energy[real].argsort(), other[real].argsort()), "the two kernels rank tokens differently"
     for b in range(kinds.shape[0]):
         pads = int((kinds[b] == PAD).sum())
         if pads >= 2 * r:
@@ -180,6 +185,16 @@ def test_pruned_and_pitome_dinov2_exports_and_agrees(tmp_path):
     images, labels = fashion_mnist("test")
     emb = load_artifact(out).embed_images(list(images[:3]))
     assert emb.shape == (3, 384) and np.isfinite(emb).all()
+
+
+@pytest.mark.slow
+def test_pitome_text_energy_exports_and_agrees(tmp_path):
+    out = build(tmp_path, "minilm", "example:minilm", [{"name": "token_merge", "r": 4, "method": "pitome_text"}],
+                SMALL_TEXT, samples=16, min_cosine_mean=0.85, min_cosine_p5=0.7)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["token_plan"]["merge_method"] == "pitome_text" and m["token_plan"]["token_counts"][-1] == 64 - 24
+    v = m["validation"]
+    assert v["passed"] and v["onnx_vs_torch_agreement"] >= 0.9
 
 
 @pytest.mark.slow

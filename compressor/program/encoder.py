@@ -20,7 +20,7 @@ from compressor.program.merging import bipartite_soft_matching, pitome_margin, p
 from compressor.program.pruning import attention_received, cls_attention, prune_tokens
 
 MASK_BIAS = -1e9
-MERGE_METHODS = ("tome", "pitome")
+MERGE_METHODS = ("tome", "pitome", "pitome_text")  # pitome_text: PiToMe with its text variant's Gaussian energy
 
 
 @dataclass
@@ -110,8 +110,9 @@ class EncoderProgram(nn.Module):
                     groups = pr.sum(groups)
             r = plan.merges_at(i)
             if r > 0:
-                if plan.merge_method == "pitome":
-                    m = pitome_matching(metric, kinds, r, pitome_margin(i, len(layers)))
+                if plan.merge_method in ("pitome", "pitome_text"):
+                    kernel = "gaussian" if plan.merge_method == "pitome_text" else "elu"
+                    m = pitome_matching(metric, kinds, r, pitome_margin(i, len(layers)), kernel)
                 else:
                     m = bipartite_soft_matching(metric, kinds, r)
                 x = m.merge(x * size)

@@ -106,24 +106,31 @@ def pitome_margin(layer: int, num_layers: int) -> float:
     return PITOME_MARGIN - PITOME_MARGIN * layer / max(1, num_layers)
 
 
-def energy_scores(metric: torch.Tensor, kinds: torch.Tensor, margin: float, alpha: float = PITOME_ALPHA) -> torch.Tensor:
-    """PiToMe's energy (B, N): mean over ordinary tokens j of ELU(cos(x_i, x_j) - margin). High energy = many close
-    neighbours = safe to merge. Returns it with the normalised metric's similarity matrix (B, N, N)."""
+def energy_scores(metric: torch.Tensor, kinds: torch.Tensor, margin: float, alpha: float = PITOME_ALPHA,
+                  kernel: str = "elu") -> torch.Tensor:
+    """PiToMe's energy (B, N): mean over ordinary tokens j of ELU(cos(x_i, x_j) - margin) (the vision variant), or with
+    `kernel = "gaussian"` of exp(-((1 - cos) / sigma)^2 / 2), sigma = 1 - margin (the reference's text variant,
+    `pitome_text`; its constant 1 / (sigma sqrt(2 pi)) does not change a layer's ranking and is left out). High
+    energy = many close neighbours = safe to merge. Returns it with the normalised metric's similarity matrix."""
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-6)
     sim = metric @ metric.transpose(-1, -2)
-    shifted = sim - margin
-    f = torch.where(shifted > 0, shifted, alpha * (shifted.clamp(max=0.0).exp() - 1.0))
+    if kernel == "gaussian":
+        sigma = max(1.0 - margin, 1e-3)
+        f = torch.exp(-0.5 * ((1.0 - sim) / sigma) ** 2)
+    else:
+        shifted = sim - margin
+        f = torch.where(shifted > 0, shifted, alpha * (shifted.clamp(max=0.0).exp() - 1.0))
     normal = (kinds == NORMAL)[:, None, :].to(sim.dtype)
     return (f * normal).sum(-1) / normal.sum(-1).clamp(min=1.0), sim
 
 
-def pitome_matching(metric: torch.Tensor, kinds: torch.Tensor, r: int, margin: float) -> IndexMatching:
+def pitome_matching(metric: torch.Tensor, kinds: torch.Tensor, r: int, margin: float, kernel: str = "elu") -> IndexMatching:
     """Merge r tokens: rank by energy (padding first, protected tokens last), split the 2r top-ranked tokens
     alternately into A and B, and merge every A token into its most similar B token.
 
     metric: (B, N, D) keys averaged over heads; kinds: (B, N) NORMAL / PROTECTED / PAD. r is fixed at compile time.
     """
-    energy, sim = energy_scores(metric, kinds, margin)
+    energy, sim = energy_scores(metric, kinds, margin, kernel=kernel)
     n = kinds.shape[1]
     # a unique per-position offset orders padding (and protected tokens) the same way in PyTorch and onnxruntime
     pos = torch.arange(n, dtype=sim.dtype)[None] / n
