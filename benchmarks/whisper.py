@@ -78,8 +78,9 @@ def main() -> None:
     models = {}
     for name, plan in settings.items():
         t = time.time()
-        write_speech_folder(adapter, plan, scratch / name.replace(" ", "_").replace("=", "").replace("/", "-"), info.to_json(), [])
-        models[name] = load(scratch / name.replace(" ", "_").replace("=", "").replace("/", "-"), threads=args.threads)
+        folder = scratch / name.replace(" ", "_").replace("=", "").replace("/", "-")
+        write_speech_folder(adapter, plan, folder, info.to_json(), [])
+        models[name] = load(folder, threads=args.threads)
         print(f"exported {name} in {time.time() - t:.0f}s", flush=True)
     refs = [text for text, _ in clips]
     texts = {n: [] for n in settings}

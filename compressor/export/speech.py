@@ -188,10 +188,9 @@ def compile_speech(adapter, plan: TokenPlan | None, output: Path, source: dict, 
     try:
         step("exporting the encoder, cross keys/values and decoder")
         folder = tmp / "artifact"
-        write_speech_folder(adapter, plan, folder, source, history)
+        manifest = write_speech_folder(adapter, plan, folder, source, history)
         step(f"validating on {cfg.clips} synthesised speech clips")
         result = validate_speech(load(folder), adapter, plan, cfg, speech_clips(cfg.clips))
-        manifest = json.loads((folder / MANIFEST).read_text())
         manifest.update(extra or {})
         manifest["validation"] = result
         publish_validated(folder, manifest, result, output)
@@ -210,15 +209,14 @@ def check_speech_passes(handle, passes) -> None:
                              f"it takes {', '.join(allowed)}")
 
 
-def compile_speech_handle(handle, recipe, output, *, force: bool = False, instruments=None, progress=None) -> dict:
+def compile_speech_handle(handle, recipe, output, *, instruments=None, progress=None) -> dict:
     """`compress run` for a speech model: the passes (token plan), then export, validation and publishing."""
-    from compressor.export.compile import check_output, versions
+    from compressor.export.compile import versions
     from compressor.export.validate import validation_config
     from compressor.pipeline.pass_manager import Pipeline
     from compressor.program.capture import capture, graph_stats
 
-    check_output(Path(output), force)
-    check_speech_passes(handle, recipe.passes)
+    check_speech_passes(handle, recipe.passes)  # the output folder was checked by run_recipe, before the model loaded
     prefix_ids(handle.adapter)  # an English-only checkpoint is refused now, not after the passes and three exports
     cfg = validation_config("audio", recipe.validation)
     Pipeline(recipe.passes, instruments).run(handle)

@@ -17,7 +17,7 @@ def run_recipe(recipe: Recipe, output, *, force: bool = False, instruments=None,
     if handle.adapter.modality == "audio":
         from compressor.export.speech import compile_speech_handle
 
-        return compile_speech_handle(handle, recipe, output, force=force, instruments=instruments, progress=progress)
+        return compile_speech_handle(handle, recipe, output, instruments=instruments, progress=progress)
     Pipeline(recipe.passes, instruments).run(handle)
     return compile_artifact(handle, output, recipe.validation, force=force, data=recipe.data,
                             recipe=recipe.to_dict(), progress=progress)
