@@ -173,20 +173,27 @@ def _bench_minilm(settings: list, repeats: int, workdir: Path) -> dict:
 
 def linear_probe(train_x, train_y, test_x, test_y, grid=(1e-4, 1e-3, 1e-2, 1e-1)) -> float:
     """Logistic-regression probe; its L2 strength is chosen by 5-fold cross-validation on the training split only."""
+    return float((probe_classifier(train_x, train_y, grid)(test_x) == test_y).mean())
+
+
+def probe_classifier(train_x, train_y, grid=(1e-4, 1e-3, 1e-2, 1e-1)):
+    """The trained probe (L2 by 5-fold cross-validation on the training split) as features -> predicted labels."""
     folds = np.arange(len(train_x)) % 5
     best = max(grid, key=lambda l2: np.mean([
         _probe(train_x[folds != k], train_y[folds != k], train_x[folds == k], train_y[folds == k], l2) for k in range(5)]))
-    return _probe(train_x, train_y, test_x, test_y, best)
+    return _fit_probe(train_x, train_y, best)
 
 
 def _probe(train_x, train_y, test_x, test_y, l2: float) -> float:
-    """Multinomial logistic regression on standardised features (L-BFGS); accuracy on the test split."""
+    return float((_fit_probe(train_x, train_y, l2)(test_x) == test_y).mean())
+
+
+def _fit_probe(train_x, train_y, l2: float):
+    """Multinomial logistic regression on standardised features (L-BFGS), as features -> predicted labels."""
     from scipy.optimize import minimize
 
     mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
-    xtr, xte = (train_x - mu) / sd, (test_x - mu) / sd
-    xtr = np.hstack([xtr, np.ones((len(xtr), 1))])
-    xte = np.hstack([xte, np.ones((len(xte), 1))])
+    xtr = np.hstack([(train_x - mu) / sd, np.ones((len(train_x), 1))])
     k, d = 10, xtr.shape[1]
     onehot = np.eye(k)[train_y]
 
@@ -202,7 +209,7 @@ def _probe(train_x, train_y, test_x, test_y, l2: float) -> float:
         return value, grad.ravel()
 
     w = minimize(loss, np.zeros(d * k), jac=True, method="L-BFGS-B", options={"maxiter": 500}).x.reshape(d, k)
-    return float(((xte @ w).argmax(1) == test_y).mean())
+    return lambda x: (np.hstack([(x - mu) / sd, np.ones((len(x), 1))]) @ w).argmax(1)
 
 
 SLICE25 = {"sparsity": 0.25, "calibration_samples": 64, "normalize_tokens": True}

@@ -172,7 +172,7 @@ class WidthPrune(Pass):
         the attempts are spent): the amount asked for, scaled by the saving wanted over the saving measured (removing
         heads and channels together does not save exactly the sum of their prices, nor the same on every machine)."""
         got = attempts[-1]["measured_ratio"]
-        if abs(got - budget.keep) <= LATENCY_TOLERANCE or len(attempts) >= LATENCY_ATTEMPTS:
+        if abs(got / budget.keep - 1) <= LATENCY_TOLERANCE or len(attempts) >= LATENCY_ATTEMPTS:
             return None
         start = budget.current / budget.dense
         saved = start - got

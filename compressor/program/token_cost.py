@@ -31,6 +31,7 @@ class TokenFlops:
     (width_prune may leave them unequal), plus the measured part outside the blocks. `fraction` is differentiable in
     the counts (learned_rates feeds it straight-through tensors); `reduction` serves the constant-rate searches."""
 
+    what = "FLOPs"  # what `fraction` is a fraction of (not a field)
     tokens: int
     hidden: int
     widths: tuple[int, ...]

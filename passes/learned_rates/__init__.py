@@ -4,15 +4,19 @@ compiler step.
 Every block gets a distribution over kept-token counts for pruning (class-attention ranking) and one for merging
 (ToMe's bipartite matching); the model's weights stay frozen and only these distributions train, on calibration
 inputs, to keep the output close to the dense model's (1 - cosine of the pooled outputs plus an MSE between
-standardised final hidden states) while a penalty 5 x (cost fraction - target)^2 (after a warm-up) pulls the
-expected cost to the budget (a latency budget is first turned into the FLOPs fraction predicted to meet it, from
-two onnxruntime timings of the real graph: latency.py). The search runs the model with masks instead of removal (search.py), so the counts get
-gradients. DiffRate starts from uniform rates and searches for 3 ImageNet epochs; with a few hundred calibration
-inputs the search starts instead from the best of token_merge's hand schedules at the budget (scored by the same
-loss) and refines it. Its result is a plain static schedule (`prunes`, `merges` per layer) stored in the token plan and in this
-pass's record, compiled like token_merge's. The rounded schedule is finally moved onto the budget: every layer's
-distribution is tilted by one shared amount (towards fewer tokens if over budget, more if under) until the schedule's
-FLOPs are the largest not above the target, so the budget holds exactly whatever the few search steps reached.
+standardised final hidden states). Where DiffRate pulls the expected cost to the budget with a penalty
+5 x (GFLOPs - target)^2, every step here is first projected onto the budget: all distributions are shifted by one
+shared tilt until the schedule's cost is the largest not above the target, so each step compares allocations at the
+budget's cost and the loss moves tokens between layers rather than above the budget (DiffRate's penalty is kept on
+the soft counts but is nearly idle after the projection). The cost is FLOPs, or with a latency budget a per-block
+latency table timed on this machine's onnxruntime (latency.py), checked on the compiled graph afterwards. The search
+runs the model with masks instead of removal (search.py), so the counts get gradients. DiffRate starts from uniform
+rates and searches for 3 ImageNet epochs; with a few hundred calibration inputs the search starts instead from the
+best of token_merge's hand schedules at the budget. Its result is then refined by measured exchanges of tokens
+between blocks at equal cost (exchange.py), and the start, the search's result and the exchanged schedule are scored
+on calibration inputs neither the steps nor the exchanges saw; the best is kept (the record says which). The result
+is a plain static schedule (`prunes`, `merges` per layer) stored in the token plan and in this pass's record,
+compiled like token_merge's.
 """
 
 from __future__ import annotations
@@ -21,22 +25,24 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from compressor.pipeline.progress import track
 from compressor.errors import UsageError
-from compressor.models import PAD
 from compressor.pipeline.pass_base import Pass, PassResult, register
-from compressor.program.encoder import EncoderProgram, TokenPlan
+from compressor.pipeline.progress import track
+from compressor.program.encoder import TokenPlan
+from compressor.program.token_cost import TokenFlops, hard_counts
 
-from compressor.program.token_cost import TokenFlops, hard_counts, smallest_rate
-from .latency import flops_for_latency, measured_ratio, retarget
+from .calibration import calibration, calibration_split, distill_loss, pooled_score
+from .exchange import TokenSchedule, exchange
+from .latency import LatencyTable, measured_ratio, retarget
 from .rates import KeptCounts
-from .search import EPS, layer_counts, search_forward
+from .schedules import DECAYS, centre, fit_budget, warm_start
+from .search import search_forward
+
+__all__ = ["DECAYS", "LearnedRates", "LearnedRatesConfig", "calibration_split"]
 
 PENALTY = 5.0  # weight of (cost fraction - target)^2, as in DiffRate (there in GFLOPs)
 WARMUP = 0.1  # fraction of the steps before the penalty applies
-DECAYS = (1.0, 0.9, 0.7, 0.5)  # hand schedules the search may start from (token_merge's decay)
 
 
 @dataclass
@@ -50,6 +56,8 @@ class LearnedRatesConfig:
     batch: int = field(default=4, metadata={"help": "calibration inputs per step"})
     calibration_samples: int = field(default=240, metadata={"help": "calibration inputs the steps cycle through (Wikipedia paragraphs cut to random lengths, or Fashion-MNIST training images from index 5000)"})
     lr: float = field(default=0.1, metadata={"help": "Adam learning rate of the rate logits"})
+    exchanges: int = field(default=60, metadata={"help": "trades between blocks tried after the gradient search (exchange.py), each scored on the compiled program; 0: none"})
+    exchange_samples: int = field(default=128, metadata={"help": "calibration inputs the exchanges are scored on (outside the up to 64 held out for the final choice)"})
     granularity: int = field(default=4, metadata={"help": "candidate kept counts every this many tokens"})
     hidden_weight: float = field(default=1.0, metadata={"help": "weight of the MSE between standardised final hidden states beside 1 - pooled cosine; 0: pooled only"})
     proportional_attention: bool = field(default=True, metadata={"help": "add log(token size) to attention logits (as token_merge)"})
@@ -65,6 +73,10 @@ class LearnedRatesConfig:
             raise ValueError("prune and merge are both off: nothing to learn")
         if self.steps < 1 or self.batch < 1 or self.calibration_samples < 1 or self.granularity < 1:
             raise ValueError("steps, batch, calibration_samples and granularity must be >= 1")
+        if self.exchanges < 0 or self.exchange_samples < 1:
+            raise ValueError("exchanges must be >= 0 and exchange_samples >= 1")
+        if self.calibration_samples < 2:
+            raise ValueError("calibration_samples must be >= 2 (some are held out to choose the final schedule)")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if not 0.0 < self.lr < 10.0 or self.hidden_weight < 0:
@@ -97,24 +109,32 @@ class LearnedRates(Pass):
         floor = protected + 2
         prune = KeptCounts(layers, tokens, floor, cfg.granularity) if use_prune else None
         merge = KeptCounts(layers, tokens, floor, cfg.granularity) if cfg.merge else None
-        cost = TokenFlops.of(handle)
+        flops = cost = TokenFlops.of(handle)
         start = time.perf_counter()
-        target, latency = cfg.flops, None
-        if cfg.latency is not None:
-            target, latency = flops_for_latency(handle, cost, cfg.latency, cfg.threads, cfg.proportional_attention)
+        target, table = cfg.flops, None
+        if cfg.latency is not None:  # the search spends measured milliseconds, not FLOPs
+            cost = table = LatencyTable.measure(handle, cfg.threads, floor)
+            target = cfg.latency
         inputs, teacher = calibration(handle, cfg)
+        held, polish, first_step_row = calibration_split(cfg)
         ad.model.eval()
         ad.model.requires_grad_(False)
-        hand = warm_start(ad, prune, merge, inputs, teacher, cfg, cost, target)
+        on_held = pooled_score(ad, inputs, teacher[0], range(held), cfg.proportional_attention)
+        on_polish = pooled_score(ad, inputs, teacher[0], range(held, held + polish), cfg.proportional_attention)
+        hand = warm_start(prune, merge, on_polish, tokens, layers, protected, cost, target)
+        start_logits = [m.logits.detach().clone() for m in (prune, merge) if m is not None]
         params = [m.logits for m in (prune, merge) if m is not None]
         opt = torch.optim.Adam(params, lr=cfg.lr)
         g = torch.Generator().manual_seed(cfg.seed)
-        epochs = -(-cfg.steps * cfg.batch // cfg.calibration_samples)
-        order = torch.cat([torch.randperm(cfg.calibration_samples, generator=g) for _ in range(epochs)])
+        pool = cfg.calibration_samples - first_step_row
+        epochs = -(-cfg.steps * cfg.batch // pool)
+        order = first_step_row + torch.cat([torch.randperm(pool, generator=g) for _ in range(epochs)])
         trace = []
         for step in track(range(cfg.steps), "learning rates (search steps)"):
             idx = order[step * cfg.batch:(step + 1) * cfg.batch]
-            pooled, stream, sched = search_forward(ad, tuple(t[idx] for t in inputs), prune, merge, cfg.proportional_attention)
+            tilt, _ = fit_budget(prune, merge, tokens, protected, cost, target)  # every step on the budget
+            pooled, stream, sched = search_forward(ad, tuple(t[idx] for t in inputs), prune, merge,
+                                                   cfg.proportional_attention, tilt)
             fidelity = distill_loss(pooled, stream, teacher[0][idx], teacher[1][idx], cfg.hidden_weight)
             fraction = cost.fraction(sched.counts)
             loss = fidelity
@@ -124,33 +144,52 @@ class LearnedRates(Pass):
             loss.backward()
             opt.step()
             trace.append((fidelity.item(), fraction.item()))
+        learned = TokenSchedule(*map(tuple, fit_budget(prune, merge, tokens, protected, cost, target)[1]))
+        with torch.no_grad():
+            for m, lg in zip([m for m in (prune, merge) if m is not None], start_logits):
+                m.logits.copy_(lg)
+        begun = TokenSchedule(*map(tuple, fit_budget(prune, merge, tokens, protected, cost, target)[1]))
+        polished, trades = begun, []
+        if cfg.exchanges:
+            origin = min((begun, learned), key=on_polish)  # trades start from the better of the two on their inputs
+            polished, trades = exchange(origin, on_polish, cost, target, tokens, protected, learn_prune=use_prune,
+                                        learn_merge=cfg.merge, step=4 * cfg.granularity, granularity=cfg.granularity,
+                                        budget=cfg.exchanges)
+            trades[0]["trade"] = "start" if origin is begun else "learned"
+        candidates = {"start": begun, "learned": learned, "exchanged": polished}
+        losses = {name: on_held(sch) for name, sch in candidates.items()}
+        kept = min(losses, key=lambda k: (losses[k], list(losses).index(k)))  # a tie goes to the earlier stage
+        final = candidates[kept]
         search_seconds = time.perf_counter() - start
-        learned = schedule_at(prune, merge, tokens, protected, 0.0)
-        learned_fraction = cost.fraction(hard_counts(*learned, tokens))
-        attempts = []
+        chosen = {"kept": kept, "held_out_inputs": held, "exchange_inputs": polish, "trades": trades,
+                  **{f"loss_{k}": round(v, 6) for k, v in losses.items()}}
+        centre(prune, merge, final, tokens)  # a latency re-target tilts from (about) the kept schedule
+        attempts, (prunes, merges) = [], (list(final.prunes), list(final.merges))
         while True:
-            try:
-                tilt, (prunes, merges) = fit_budget(prune, merge, tokens, protected, cost, target)
-            except UsageError:
-                if not attempts:
-                    raise
-                target = attempts[-1]["flops_target"]  # a re-drawn target out of reach: keep the last schedule
+            fraction = flops.fraction(hard_counts(prunes, merges, tokens))
+            if table is None:
                 break
-            handle.plan = TokenPlan(merges=merges, prunes=prunes if use_prune else [],
-                                    proportional_attention=cfg.proportional_attention)
-            check_schedule(handle, prunes, merges)
-            fraction = cost.fraction(hard_counts(prunes, merges, tokens))
-            if latency is None:
-                break
-            attempts.append({"flops_target": round(target, 4), "flops_fraction": round(fraction, 4), **measured_ratio(handle, cfg.threads)})
+            handle.plan = plan_of(prunes, merges, use_prune, cfg)
+            attempts.append({"target": round(target, 4), "predicted_ratio": round(table.fraction(hard_counts(prunes, merges, tokens)), 4),
+                             "flops_fraction": round(fraction, 4), "prunes": prunes, "merges": merges,
+                             **measured_ratio(handle, cfg.threads)})
             again = retarget(attempts, cfg.latency)  # missed by more than the tolerance: tilt the rates again
             if again is None:
                 break
+            try:
+                _, (prunes, merges) = fit_budget(prune, merge, tokens, protected, cost, again)
+            except UsageError:
+                break  # a re-drawn target out of reach: keep the attempts so far
             target = again
+        if attempts:  # the attempt that measured closest to the budget (a noisy timing must not win by being last)
+            best = min(attempts, key=lambda a: abs(a["measured_ratio"] - cfg.latency))
+            prunes, merges, target, fraction = best["prunes"], best["merges"], best["target"], best["flops_fraction"]
+        handle.plan = plan_of(prunes, merges, use_prune, cfg)
+        check_schedule(handle, prunes, merges)
         head = max(1, len(trace) // 10)
-        if latency is not None:
-            latency = {"keep": cfg.latency, **latency, **attempts[-1], "attempts": attempts,
-                       "predicted_ratio": round(latency["fixed_fraction"] + (1 - latency["fixed_fraction"]) * attempts[0]["flops_fraction"], 4)}
+        latency = None
+        if table is not None:
+            latency = {"keep": cfg.latency, "table": table.record(), **best, "attempts": attempts}
         return PassResult(modified=handle.plan.active, info={
             "latency": latency,
             "prunes": prunes if use_prune else [],
@@ -158,11 +197,12 @@ class LearnedRates(Pass):
             "schedule": merges,
             "token_counts": handle.plan.token_counts(tokens, layers),
             "prune_by": "cls_attention" if use_prune else None,
-            "flops_target": target,
+            "cost": "latency table" if table is not None else "flops",
+            "target": target,  # the fraction of the cost kept (last corrected target, for latency)
             "flops_fraction": round(fraction, 4),
-            "flops_fraction_search": round(learned_fraction, 4),
-            "tilt": round(tilt, 4),
+            "flops_fraction_learned": round(flops.fraction(hard_counts(list(learned.prunes), list(learned.merges), tokens)), 4),
             "start": hand,
+            "chosen": chosen,
             "loss_first": sum(t[0] for t in trace[:head]) / head,
             "loss_last": sum(t[0] for t in trace[-head:]) / head,
             "steps": cfg.steps,
@@ -171,124 +211,8 @@ class LearnedRates(Pass):
         })
 
 
-def calibration(handle, cfg: LearnedRatesConfig):
-    """Calibration inputs and the dense model's (pooled, final hidden states) on them."""
-    from compressor.passes.distill import random_lengths
-    from compressor.passes.pruning.calibration import calibration_batches
-
-    try:
-        (inputs,) = calibration_batches(handle, cfg.calibration_samples, cfg.calibration_samples, seed=cfg.seed)
-    except UsageError as e:
-        raise UsageError(f"learned_rates: {e}") from None
-    if handle.adapter.modality == "text":  # short inputs too, where padding merges first
-        inputs = random_lengths(handle.adapter, inputs, torch.Generator().manual_seed(cfg.seed))
-    dense = EncoderProgram(handle.adapter, TokenPlan())
-    pooled, hidden = [], []
-    with torch.no_grad():
-        for i in range(0, cfg.calibration_samples, 16):
-            out = dense.encode(*(t[i:i + 16] for t in inputs))
-            pooled.append(out.pooled)
-            hidden.append(out.hidden)
-    return inputs, (torch.cat(pooled), torch.cat(hidden))
-
-
-def distill_loss(pooled, stream, t_pooled, t_hidden, hidden_weight: float) -> torch.Tensor:
-    """1 - cosine of the pooled outputs, plus `hidden_weight` x the MSE between per-token standardised final hidden
-    states of the live tokens (the teacher's averaged over the input tokens each one holds). The token weights are
-    not differentiated: dropping a token must not lower the loss by hiding its error."""
-    loss = 1.0 - F.cosine_similarity(pooled, t_pooled, dim=-1).mean()
-    if not hidden_weight:
-        return loss
-    t = stream.groups @ t_hidden / stream.groups.sum(dim=-1, keepdim=True).clamp(min=EPS)
-    c = t.shape[-1:]
-    err = (F.layer_norm(stream.x, c) - F.layer_norm(t, c)).pow(2).mean(dim=-1)
-    w = (stream.size[..., 0] * stream.mask * (stream.kinds != PAD)).detach()
-    return loss + hidden_weight * (err * w).sum() / w.sum().clamp(min=1.0)
-
-
-def hand_schedules(tokens: int, layers: int, protected: int, cost: TokenFlops, target: float) -> list[list[int]]:
-    """token_merge's constant schedules (decay 1, 0.9, 0.7, 0.5), each with the smallest first-layer r meeting the
-    budget, as per-layer reduction counts."""
-    from compressor.passes.token_merge import constant_schedule
-
-    out = []
-    for decay in DECAYS:
-        found = smallest_rate(lambda r: constant_schedule(r, tokens, layers, protected, decay),
-                              lambda s: cost.fraction(hard_counts([0] * layers, s, tokens)) <= target, tokens, start=1)
-        if found is not None:
-            out.append(found)
-    return out or [constant_schedule(tokens, tokens, layers, protected)]
-
-
-def warm_start(ad, prune, merge, inputs, teacher, cfg, cost: TokenFlops, target: float) -> dict:
-    """Centre the rates on the best hand schedule: token_merge's constant schedules at the budget, as merging and
-    (where pruning is learned) as pruning from the second block, each scored by the search loss on the first
-    calibration batch; the other reduction starts at none. Returns the chosen start and every start's loss."""
-    layers, protected = len(ad.layers), ad.protected_per_sample
-    tokens = int((merge or prune).candidates[0])
-    starts = []
-    for schedule in hand_schedules(tokens, layers, protected, cost, target):
-        if merge is not None:
-            starts.append(("merge", schedule))
-        if prune is not None:
-            starts.append(("prune", [0] + schedule[:-1]))  # the first block never prunes
-    x = tuple(t[:cfg.batch] for t in inputs)
-    scored = []
-    for kind, schedule in starts:
-        start_rates(prune, merge, kind, schedule, tokens, layers)
-        with torch.no_grad():
-            pooled, stream, _ = search_forward(ad, x, prune, merge, cfg.proportional_attention)
-            loss = distill_loss(pooled, stream, teacher[0][:cfg.batch], teacher[1][:cfg.batch], cfg.hidden_weight)
-        scored.append((loss.item(), kind, schedule))
-    loss, kind, schedule = min(scored, key=lambda t: t[0])
-    start_rates(prune, merge, kind, schedule, tokens, layers)
-    return {"kind": kind, "schedule": schedule, "loss": round(loss, 5),
-            "candidates": [{"kind": k, "first": s[0], "loss": round(v, 5)} for v, k, s in scored]}
-
-
-def start_rates(prune, merge, kind: str, schedule: list[int], tokens: int, layers: int) -> None:
-    kept = [tokens - sum(schedule[:i + 1]) for i in range(layers)]
-    for rates, name in ((merge, "merge"), (prune, "prune")):
-        if rates is not None:
-            rates.start_at(kept if name == kind else [tokens] * layers)
-
-
-def schedule_at(prune: KeptCounts | None, merge: KeptCounts | None, tokens: int, protected: int,
-                tilt: float) -> tuple[list[int], list[int]]:
-    """The hard schedule (prunes, merges) the rates give, every distribution tilted by `tilt`."""
-    with torch.no_grad():
-        kp = prune.expected(tilt).tolist() if prune is not None else None
-        km = merge.expected(tilt).tolist() if merge is not None else None
-    layers = len(kp if kp is not None else km)
-    prunes, merges, n = [], [], tokens
-    for i in range(layers):
-        n_mid, n_out = layer_counts(n, int(kp[i]) if kp else None, int(km[i]) if km else None, protected, i)
-        prunes.append(n - n_mid)
-        merges.append(n_mid - n_out)
-        n = n_out
-    return prunes, merges
-
-
-def fit_budget(prune, merge, tokens, protected, cost: TokenFlops, target: float) -> tuple[float, tuple[list[int], list[int]]]:
-    """The tilt (and its schedule) whose FLOPs are the largest not above the target, by bisection (the fraction
-    falls as the tilt grows)."""
-    def fraction(t: float) -> float:
-        return cost.fraction(hard_counts(*schedule_at(prune, merge, tokens, protected, t), tokens))
-
-    lo, hi = -8.0, 8.0
-    if fraction(hi) > target:
-        most = fraction(hi)
-        raise UsageError(f"learned_rates: keeping {target:.0%} of the FLOPs is out of reach; at least {most:.0%} "
-                         f"remain with {tokens} tokens (enable prune, or raise the budget)")
-    if fraction(lo) <= target:
-        return lo, schedule_at(prune, merge, tokens, protected, lo)
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if fraction(mid) <= target:
-            hi = mid
-        else:
-            lo = mid
-    return hi, schedule_at(prune, merge, tokens, protected, hi)
+def plan_of(prunes: list[int], merges: list[int], use_prune: bool, cfg: LearnedRatesConfig) -> TokenPlan:
+    return TokenPlan(merges=merges, prunes=prunes if use_prune else [], proportional_attention=cfg.proportional_attention)
 
 
 def check_schedule(handle, prunes: list[int], merges: list[int]) -> None:

@@ -1,57 +1,109 @@
-"""A latency budget for learned_rates: the fraction of the dense model's measured latency to keep, turned into the
-FLOPs fraction the search spends.
+"""A latency budget for learned_rates: a per-block latency table measured on this machine's onnxruntime, used by the
+search as its cost model in place of FLOPs (Kwon et al., "A Fast Post-Training Pruning Framework for Transformers",
+2022, fit such tables piecewise-linearly).
 
-Token reduction saves time roughly in proportion to the FLOPs it removes, but not all of the time is in the blocks
-(embeddings, the matching itself, the head) and onnxruntime runs small matrices less efficiently. So the dense
-program and token_merge's constant schedule at about the asked-for fraction (at most half the FLOPs) are exported
-and timed, interleaved, at the compiled shapes; the line through the two points gives each FLOPs fraction its latency, and the FLOPs target is
-the fraction whose predicted latency is the budget. After the search, the compiled schedule is timed against the
-dense program once more; while it misses the budget by more than LATENCY_TOLERANCE the line is re-drawn through that
-measurement and the learned rates are tilted to the new FLOPs target (no new search). The manifest records the
-prediction and every measurement.
+Every distinct block shape (heads, MLP channels) has its attention (up to the merge point) and its MLP exported once
+with a dynamic token axis and timed at a grid of token counts at the compiled batch; between grid points the table is
+linear, and made non-decreasing (timing noise must not make fewer tokens cost more). What lies outside the blocks
+(embeddings, pooling) is the dense program's measured latency minus its blocks at full length; the matching of
+merged tokens is in no table, so the check on the compiled graph below corrects for it. `LatencyTable.fraction` has TokenFlops's interface, so the projection onto the budget, the hand schedules
+and the penalty read it unchanged. After the search the compiled schedule is timed against the dense program; while
+it misses the budget by more than LATENCY_TOLERANCE the table's target becomes its prediction for that schedule
+scaled by what was measured (predicted x budget / measured) and the learned rates are tilted to it (no new search). The manifest records the table,
+the prediction and every measurement.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+from dataclasses import dataclass
 
-from compressor.errors import UsageError
-from compressor.export.timing import LATENCY_ATTEMPTS, LATENCY_TOLERANCE, time_handles
+import numpy as np
+import torch
+from torch import nn
+
+from compressor.export.timing import LATENCY_ATTEMPTS, LATENCY_TOLERANCE, time_handles, time_module_at_sizes
+from compressor.pipeline.progress import track
 from compressor.program.encoder import TokenPlan
 
-from compressor.program.token_cost import TokenFlops, hard_counts
+MAX_CORRECTION = 1.3  # a re-target moves the table's target by at most this factor
+GRID_POINTS = 9  # token counts each block part is timed at, from the fewest a schedule can keep to all
 
 
+class _Attention(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer.layer  # registered, so export sees the weights
+        self.adapter = layer
 
-def reference_schedule(handle, cost: TokenFlops, keep: float) -> list[int]:
-    """token_merge's constant r whose FLOPs fraction is closest to `keep`, or to half the FLOPs if that is lower (a
-    second point for the line, far enough from dense that the difference stands out of the timing noise)."""
-    keep = min(keep, 0.5)
-    from compressor.passes.token_merge import constant_schedule
-
-    tokens, layers, protected = handle.num_tokens, handle.num_layers, handle.adapter.protected_per_sample
-    options = [constant_schedule(r, tokens, layers, protected) for r in range(1, tokens)]
-    return min(options, key=lambda s: abs(cost.fraction(hard_counts([0] * layers, s, tokens)) - keep))
+    def forward(self, x, bias):
+        return self.adapter.attention(x, bias).x
 
 
-def flops_for_latency(handle, cost: TokenFlops, keep: float, threads: int, proportional: bool) -> tuple[float, dict]:
-    """The FLOPs fraction whose predicted latency is `keep` of the dense model's, and the measurements behind it."""
-    merges = reference_schedule(handle, cost, keep)
-    reference = dataclasses.replace(handle, plan=TokenPlan(merges=merges, proportional_attention=proportional))
-    ms = time_handles({"dense": handle, "reference": reference}, threads=threads)
-    f_ref = cost.fraction(hard_counts([0] * len(merges), merges, handle.num_tokens))
-    slope = (ms["dense"] - ms["reference"]) / max(1.0 - f_ref, 1e-9)  # ms per unit of FLOPs fraction
-    if slope <= 0:
-        raise UsageError(f"learned_rates: merging did not make this model faster here ({ms['reference']:.1f} ms vs "
-                         f"{ms['dense']:.1f} ms dense at {f_ref:.0%} of the FLOPs); use a flops budget")
-    fixed = ms["dense"] - slope  # the latency no token reduction removes
-    target = (keep * ms["dense"] - fixed) / slope
-    if not 0.0 < target < 1.0:
-        raise UsageError(f"learned_rates: latency = {keep} is out of reach by token reduction here: {fixed / ms['dense']:.0%} "
-                         f"of the dense latency does not shrink with tokens (measured); raise the budget")
-    return target, {"measured_ms": {k: round(v, 3) for k, v in ms.items()}, "reference_merges": merges,
-                    "reference_flops_fraction": round(f_ref, 4), "fixed_fraction": round(fixed / ms["dense"], 4),
-                    "flops_target": round(target, 4)}
+class _Mlp(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer.layer
+        self.adapter = layer
+
+    def forward(self, x):
+        return self.adapter.mlp(x)
+
+
+def interpolate(xs: tuple[int, ...], ys: tuple[float, ...], n):
+    """Piecewise-linear ys at n (int or tensor; differentiable in a tensor), extrapolated on the end segments."""
+    at = float(n.detach()) if isinstance(n, torch.Tensor) else float(n)
+    i = max(0, min(len(xs) - 2, bisect.bisect_right(xs, at) - 1))
+    return ys[i] + (ys[i + 1] - ys[i]) * (n - xs[i]) / (xs[i + 1] - xs[i])
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    """ms of one forward at the compiled batch as a function of the tokens each block sees."""
+
+    what = "dense latency"  # what `fraction` is a fraction of (not a field)
+    grid: tuple[int, ...]
+    attention: tuple[tuple[float, ...], ...]  # per block: ms at each grid count
+    mlp: tuple[tuple[float, ...], ...]
+    fixed: float  # outside the blocks
+    dense: float  # measured dense latency
+
+    @classmethod
+    def measure(cls, handle, threads: int, floor: int) -> "LatencyTable":
+        ad, tokens, batch = handle.adapter, handle.num_tokens, handle.shapes["batch"]
+        grid = tuple(sorted({int(round(v)) for v in np.linspace(floor, tokens, GRID_POINTS)}))
+        x = torch.randn(batch, tokens, ad.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        bias = torch.zeros(batch, tokens)
+        shapes: dict[tuple[int, int], tuple[tuple[float, ...], tuple[float, ...]]] = {}
+        for layer in track(ad.layers, "timing block latency tables"):
+            key = (layer.heads, layer.channels)
+            if key not in shapes:
+                att = time_module_at_sizes(_Attention(layer), (x, bias), list(grid), threads=threads)
+                mlp = time_module_at_sizes(_Mlp(layer), (x,), list(grid), threads=threads)
+                shapes[key] = tuple(np.maximum.accumulate(att).tolist()), tuple(np.maximum.accumulate(mlp).tolist())
+        per_block = [shapes[(l.heads, l.channels)] for l in ad.layers]
+        dense = time_handles({"dense": dataclasses.replace(handle, plan=TokenPlan())}, threads=threads)["dense"]
+        blocks = sum(a[-1] + m[-1] for a, m in per_block)
+        return cls(grid, tuple(a for a, _ in per_block), tuple(m for _, m in per_block), dense - blocks, dense)
+
+    def ms(self, counts):
+        total = self.fixed
+        for (n_in, n_out), att, mlp in zip(counts, self.attention, self.mlp):
+            total = total + interpolate(self.grid, att, n_in) + interpolate(self.grid, mlp, n_out)
+        return total
+
+    def fraction(self, counts):
+        """The predicted fraction of the dense latency kept; counts: per block (tokens entering, tokens after its
+        reduction), ints or tensors."""
+        return self.ms(counts) / self.dense
+
+    def record(self) -> dict:
+        shapes = list(dict.fromkeys(zip(self.attention, self.mlp)))
+        return {"grid": list(self.grid), "fixed_ms": round(self.fixed, 3), "dense_ms": round(self.dense, 3),
+                "shapes": [{"blocks": [i for i, t in enumerate(zip(self.attention, self.mlp)) if t == shape],
+                            "attention_ms": [round(v, 3) for v in shape[0]], "mlp_ms": [round(v, 3) for v in shape[1]]}
+                           for shape in shapes]}
 
 
 def measured_ratio(handle, threads: int) -> dict:
@@ -62,15 +114,12 @@ def measured_ratio(handle, threads: int) -> dict:
 
 
 def retarget(attempts: list[dict], keep: float) -> float | None:
-    """The next FLOPs target, or None when the last measurement is within LATENCY_TOLERANCE (or the attempts are spent, or
-    the line through the dense point and the last one cannot reach the budget): the line is re-drawn through what the
-    compiled schedule actually measured, and the rates are tilted again (fit_budget; no new search)."""
+    """The next target of the table, or None when the last measurement is within LATENCY_TOLERANCE of the budget (or
+    the attempts are spent): the table's prediction for the last schedule, scaled by what that schedule measured
+    (by at most MAX_CORRECTION either way). The pass then keeps the attempt that measured closest to the budget."""
     last = attempts[-1]
-    if abs(last["measured_ratio"] - keep) <= LATENCY_TOLERANCE or len(attempts) >= LATENCY_ATTEMPTS:
+    if abs(last["measured_ratio"] / keep - 1) <= LATENCY_TOLERANCE or len(attempts) >= LATENCY_ATTEMPTS:
         return None
-    dense, got = last["check_ms"]["dense"], last["check_ms"]["learned"]
-    slope = (dense - got) / max(1.0 - last["flops_fraction"], 1e-9)
-    if slope <= 0:
-        return None
-    target = (keep * dense - (dense - slope)) / slope
+    correction = min(max(keep / last["measured_ratio"], 1 / MAX_CORRECTION), MAX_CORRECTION)  # one noisy timing
+    target = last["predicted_ratio"] * correction
     return target if 0.0 < target < 1.0 else None

@@ -40,9 +40,9 @@ class KeptCounts(nn.Module):
         e = self.probabilities(tilt) @ self.candidates
         return e + (torch.ceil(e - 1e-4) - e).detach()
 
-    def survival(self, layer: int, ranks: torch.Tensor, kept: int) -> torch.Tensor:
+    def survival(self, layer: int, ranks: torch.Tensor, kept: int, tilt: float = 0.0) -> torch.Tensor:
         """Straight-through mask for tokens of these ranks when `kept` tokens (the capped hard count) survive."""
-        p = self.probabilities()[layer]
+        p = self.probabilities(tilt)[layer]
         prob = (p * (self.candidates > ranks[..., None].float())).sum(dim=-1)
         hard = (ranks < kept).float()
         return hard - prob.detach() + prob

@@ -62,15 +62,16 @@ class Schedule:
 
 
 def search_forward(adapter, inputs, prune: KeptCounts | None, merge: KeptCounts | None,
-                   proportional: bool) -> tuple[torch.Tensor, Stream, Schedule]:
-    """Pooled output, final stream (its `x` the final hidden states) and the hard schedule of this forward."""
+                   proportional: bool, tilt: float = 0.0) -> tuple[torch.Tensor, Stream, Schedule]:
+    """Pooled output, final stream (its `x` the final hidden states) and the hard schedule of this forward, every
+    distribution tilted by `tilt` (KeptCounts.probabilities: the step's projection onto the budget)."""
     x, kinds = adapter.embed(*inputs)
     b, n = x.shape[:2]
     s = Stream(x, torch.ones(b, n, 1, dtype=x.dtype), torch.ones(b, n, dtype=x.dtype), kinds,
                torch.eye(n, dtype=x.dtype).repeat(b, 1, 1), n)
     protected = adapter.protected_per_sample
-    kept_p = prune.expected() if prune is not None else None
-    kept_m = merge.expected() if merge is not None else None
+    kept_p = prune.expected(tilt) if prune is not None else None
+    kept_m = merge.expected(tilt) if merge is not None else None
     prunes, merges, counts = [], [], []
     entering = torch.tensor(float(n))
     for i, layer in enumerate(adapter.layers):
@@ -86,11 +87,11 @@ def search_forward(adapter, inputs, prune: KeptCounts | None, merge: KeptCounts 
         if kp is not None and i > 0:
             ste = ste + kept_p[i] - kept_p[i].detach()
             if n_mid < n_in:
-                s = prune_tokens(s, cls_attention(att.probs).detach(), prune, i, n_mid)
+                s = prune_tokens(s, cls_attention(att.probs).detach(), prune, i, n_mid, tilt)
         if km is not None:
             ste = ste + kept_m[i] - kept_m[i].detach()
             if n_out < n_mid:
-                s = merge_tokens(s, merge, i, n_mid - n_out)
+                s = merge_tokens(s, merge, i, n_mid - n_out, tilt)
         prunes.append(n_in - n_mid)
         merges.append(n_mid - n_out)
         leaving = s.alive + ste
@@ -116,7 +117,7 @@ def layer_counts(n_in: int, kept_prune: int | None, kept_merge: int | None, prot
     return n_mid, n_out
 
 
-def prune_tokens(s: Stream, cls_row: torch.Tensor, rates: KeptCounts, layer: int, keep: int) -> Stream:
+def prune_tokens(s: Stream, cls_row: torch.Tensor, rates: KeptCounts, layer: int, keep: int, tilt: float) -> Stream:
     """Drop all but the `keep` alive tokens the class token attends to most (padding first, protected never),
     ranked with the compiled program's tiers (compressor/program/pruning.py)."""
     n = s.alive
@@ -125,7 +126,7 @@ def prune_tokens(s: Stream, cls_row: torch.Tensor, rates: KeptCounts, layer: int
     score = torch.where(kinds == PAD, PAD_TIER + pos, torch.where(kinds == PROTECTED, PROTECTED_TIER + pos, cls_row[:, :n]))
     order = score.argsort(dim=1, descending=True)  # rank -> position
     rank = order.argsort(dim=1)  # position -> rank
-    survive = rates.survival(layer, rank, keep)
+    survive = rates.survival(layer, rank, keep, tilt)
     mask = torch.cat([s.mask[:, :n] * survive, s.mask[:, n:]], dim=1)
     kept = order[:, :keep].sort(dim=1).values  # survivors keep their order (class token stays first)
     dropped = order[:, keep:]
@@ -134,7 +135,7 @@ def prune_tokens(s: Stream, cls_row: torch.Tensor, rates: KeptCounts, layer: int
     return s.reorder(torch.cat([kept, dropped, rest], dim=1), keep)
 
 
-def merge_tokens(s: Stream, rates: KeptCounts, layer: int, r: int) -> Stream:
+def merge_tokens(s: Stream, rates: KeptCounts, layer: int, r: int, tilt: float) -> Stream:
     """ToMe on the alive tokens: the r A tokens with the best matches merge into their B destinations; every A
     token's merge weight is straight-through (hard 1 for those r, 0 for the rest), so each gets a gradient."""
     n = s.alive
@@ -142,7 +143,7 @@ def merge_tokens(s: Stream, rates: KeptCounts, layer: int, r: int) -> Stream:
     m = bipartite_soft_matching(s.metric[:, :n], s.kinds[:, :n], na)  # every A token, best match first
     ranked, dst = m.src_idx[..., 0], m.dst_idx[..., 0]  # (B, na) A index by rank, its B destination
     ranks = torch.arange(na).expand(ranked.shape[0], -1)
-    weight = 1.0 - rates.survival(layer, n - 1 - ranks, n - r)  # merges iff rank < r
+    weight = 1.0 - rates.survival(layer, n - 1 - ranks, n - r, tilt)  # merges iff rank < r
     a_pos, b_pos = 2 * ranked, 2 * dst + 1  # positions in the stream
     wm = (weight * take(s.mask, a_pos))[..., None]  # how much of each A token goes to its destination
     add = lambda t: t.scatter_add(1, b_pos[..., None].expand(-1, -1, t.shape[-1]), wm * take(t, a_pos))  # noqa: E731
