@@ -130,15 +130,15 @@ def test_exchanges_trade_tokens_at_the_budget_and_the_choice_is_the_best_on_held
         seen.append(s)
         return sum((i + 1) * (p + r) for i, (p, r) in enumerate(zip(s.prunes, s.merges))) * -1.0
 
-    best, kept = exchange(start, score, cost, target, n, protected, learn_prune=True, learn_merge=True, step=4,
-                          granularity=1, budget=40)
+    best, kept = exchange(start, score(start), "start", score, cost, target, n, protected, learn_prune=True,
+                          learn_merge=True, step=4, granularity=1, budget=40)
     assert len(seen) <= 41 and kept[0]["trade"] == "start" and len(kept) > 1
     assert kept[-1]["loss"] < kept[0]["loss"] and score(best) == kept[-1]["loss"]
     assert sum(best.merges[layers // 2:]) + sum(best.prunes[layers // 2:]) > sum(start.merges[layers // 2:])
     # a block may turn merges into prunes, and neighbours trade the same kind
-    kinds = {(t, g) for t, i, g, j in trades(start, True, True) if i == j}
+    kinds = {(t, g) for t, i, g, j in trades(layers, True, True) if i == j}
     assert kinds == {("merges", "prunes"), ("prunes", "merges")}
-    assert all(t == g for t, i, g, j in trades(start, True, True) if i != j)
+    assert all(t == g for t, i, g, j in trades(layers, True, True) if i != j)
 
     Pipeline([LearnedRates(flops=0.6, **QUICK)]).run(handle)
     chosen = handle.history[-1]["info"]["chosen"]

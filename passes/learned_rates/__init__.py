@@ -33,7 +33,7 @@ from compressor.program.encoder import TokenPlan
 from compressor.program.token_cost import TokenFlops, hard_counts
 
 from .calibration import calibration, calibration_split, distill_loss, pooled_score
-from .exchange import TokenSchedule, exchange
+from .exchange import TokenSchedule, exchange, valid
 from .latency import LatencyTable, measured_ratio, retarget
 from .rates import KeptCounts
 from .schedules import DECAYS, centre, fit_budget, warm_start
@@ -150,12 +150,12 @@ class LearnedRates(Pass):
                 m.logits.copy_(lg)
         begun = TokenSchedule(*map(tuple, fit_budget(prune, merge, tokens, protected, cost, target)[1]))
         polished, trades = begun, []
-        if cfg.exchanges:
-            origin = min((begun, learned), key=on_polish)  # trades start from the better of the two on their inputs
-            polished, trades = exchange(origin, on_polish, cost, target, tokens, protected, learn_prune=use_prune,
-                                        learn_merge=cfg.merge, step=4 * cfg.granularity, granularity=cfg.granularity,
-                                        budget=cfg.exchanges)
-            trades[0]["trade"] = "start" if origin is begun else "learned"
+        if cfg.exchanges:  # trades start from the better of the two on their own inputs
+            name, origin, loss = min((("start", begun, on_polish(begun)), ("learned", learned, on_polish(learned))),
+                                     key=lambda t: t[2])
+            polished, trades = exchange(origin, loss, name, on_polish, cost, target, tokens, protected,
+                                        learn_prune=use_prune, learn_merge=cfg.merge, step=4 * cfg.granularity,
+                                        granularity=cfg.granularity, budget=cfg.exchanges)
         candidates = {"start": begun, "learned": learned, "exchanged": polished}
         losses = {name: on_held(sch) for name, sch in candidates.items()}
         kept = min(losses, key=lambda k: (losses[k], list(losses).index(k)))  # a tie goes to the earlier stage
@@ -216,12 +216,6 @@ def plan_of(prunes: list[int], merges: list[int], use_prune: bool, cfg: LearnedR
 
 
 def check_schedule(handle, prunes: list[int], merges: list[int]) -> None:
-    """The schedule must be one the static program accepts: non-negative, within each layer's caps."""
-    from compressor.program.merging import max_merge
-    from compressor.program.pruning import max_prune
-
-    n, protected = handle.num_tokens, handle.adapter.protected_per_sample
-    for i, (p, r) in enumerate(zip(prunes, merges)):
-        if p < 0 or r < 0 or p > max_prune(n, protected) or r > max_merge(n - p, protected):
-            raise RuntimeError(f"learned_rates produced an invalid schedule at layer {i}: prune {p}, merge {r} of {n}")
-        n -= p + r
+    """The schedule must be one the static program accepts (exchange.valid: non-negative, within each layer's caps)."""
+    if not valid(TokenSchedule(tuple(prunes), tuple(merges)), handle.num_tokens, handle.adapter.protected_per_sample):
+        raise RuntimeError(f"learned_rates produced an invalid schedule: prunes {prunes}, merges {merges} of {handle.num_tokens} tokens")

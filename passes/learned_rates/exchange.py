@@ -39,10 +39,9 @@ def valid(s: TokenSchedule, tokens: int, protected: int) -> bool:
     return True
 
 
-def trades(s: TokenSchedule, learn_prune: bool, learn_merge: bool):
+def trades(layers: int, learn_prune: bool, learn_merge: bool):
     """Every (kind taken, block taking more, kind given back, block giving back): a block turning one kind into the
     other, then blocks trading the same kind, nearby blocks first."""
-    layers = len(s.merges)
     kinds = [k for k, on in (("merges", learn_merge), ("prunes", learn_prune)) if on]
     for d in range(0, MAX_DISTANCE + 1):
         for i in range(layers):
@@ -74,20 +73,22 @@ def apply(s: TokenSchedule, take: str, i: int, give: str, j: int, step: int, fit
     return out if fits(out.prunes, out.merges) and valid(out, tokens, protected) else None
 
 
-def exchange(start: TokenSchedule, score, cost, target: float, tokens: int, protected: int, *, learn_prune: bool,
-             learn_merge: bool, step: int, granularity: int, budget: int) -> tuple[TokenSchedule, list[dict]]:
-    """Greedy trades from `start` (score: schedule -> loss, lower is better), at most `budget` of them scored;
-    returns the best schedule and the trades kept, each with its loss."""
+def exchange(start: TokenSchedule, start_loss: float, start_name: str, score, cost, target: float, tokens: int,
+             protected: int, *, learn_prune: bool, learn_merge: bool, step: int, granularity: int,
+             budget: int) -> tuple[TokenSchedule, list[dict]]:
+    """Greedy trades from `start` (already scored: `start_loss`; score: schedule -> loss, lower is better), at most
+    `budget` of them scored; returns the best schedule and the trades kept (the first named `start_name`), each with
+    its loss."""
     def fits(prunes, merges) -> bool:
         return float(cost.fraction(hard_counts(prunes, merges, tokens))) <= target + 1e-9
 
-    best, loss = start, score(start)
-    kept = [{"trade": "start", "loss": round(loss, 6)}]
+    best, loss = start, start_loss
+    kept = [{"trade": start_name, "loss": round(loss, 6)}]
     ticks = iter(track(range(budget), "trading tokens between blocks"))
     scored = 0
     while scored < budget:
         improved = False
-        for take, i, give, j in trades(best, learn_prune, learn_merge):
+        for take, i, give, j in trades(len(best.merges), learn_prune, learn_merge):
             cand = apply(best, take, i, give, j, step, fits, tokens, protected)
             if cand is None:
                 continue
