@@ -1,7 +1,10 @@
 """Causal language models from an artifact: logits, perplexity and generation with a KV cache, torch-free.
 
-One ONNX graph serves prefill and decode: past key/values in, present key/values out. A prefill passes one dummy
-past slot that the attention mask marks absent (position 0 of the mask is 0), so no zero-length tensors appear.
+One ONNX graph serves prefill and decode: past key/values in, present key/values out. Two layouts:
+- fused artifacts (`preprocess.kv_cache == "shared"`, onnxruntime's GroupQueryAttention): the runtime binds one
+  preallocated buffer per layer as both past and present and feeds only new tokens (decode.py); rows right padded.
+- generic artifacts (traced graph): a prefill passes one dummy past slot that the attention mask marks absent
+  (position 0 of the mask is 0), and each step's present is fed back as the next past.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .decode import SharedKVDecoder
 from .errors import FeedError, FeedTypeError
 from .model import CompiledModel
 
@@ -57,6 +61,9 @@ class CausalLM(CompiledModel):
         pre = self._pre
         self.num_layers, self.kv_heads, self.head_dim = pre["num_layers"], pre["kv_heads"], pre["head_dim"]
         self.eos_token_ids = set(pre.get("eos_token_ids") or [])
+        self.shared_kv = pre.get("kv_cache") == "shared"
+        self.max_length = pre.get("max_length")
+        self.prefill_chunk = int(pre.get("prefill_chunk") or 256)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
@@ -66,10 +73,18 @@ class CausalLM(CompiledModel):
     def decode(self, ids) -> str:
         return self.tokenizer.decode(token_ids(ids, "decode()").reshape(-1).tolist(), skip_special_tokens=True)
 
+    @property
+    def _kv_per_block(self) -> list[int]:
+        return self.kv_heads if isinstance(self.kv_heads, list) else [self.kv_heads] * self.num_layers
+
     def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        kv = self.kv_heads if isinstance(self.kv_heads, list) else [self.kv_heads] * self.num_layers  # per block
-        return {f"past_key_values.{i}.{k}": np.zeros((batch, kv[i], 1, self.head_dim), dtype=np.float32)
-                for i in range(self.num_layers) for k in ("key", "value")}
+        slots = 0 if self.shared_kv else 1  # the generic graph's one masked dummy slot
+        return {f"past_key_values.{i}.{k}": np.zeros((batch, kv, slots, self.head_dim), dtype=np.float32)
+                for i, kv in enumerate(self._kv_per_block) for k in ("key", "value")}
+
+    def _prefill_mask(self, shape: tuple[int, int]) -> np.ndarray:
+        ones = np.ones(shape, np.int64)
+        return ones if self.shared_kv else np.concatenate([np.zeros((shape[0], 1), np.int64), ones], axis=1)
 
     def _step(self, ids: np.ndarray, mask: np.ndarray, past: dict) -> tuple[np.ndarray, dict]:
         out = self.run({"input_ids": ids, "attention_mask": mask, **past})
@@ -83,8 +98,7 @@ class CausalLM(CompiledModel):
         ids = ids[None] if single else ids
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise FeedError("logits() takes token ids shaped (S,) or (B, S) with S >= 1")
-        mask = np.concatenate([np.zeros((ids.shape[0], 1), np.int64), np.ones(ids.shape, np.int64)], axis=1)
-        out, _ = self._step(ids, mask, self._empty_past(ids.shape[0]))
+        out, _ = self._step(ids, self._prefill_mask(ids.shape), self._empty_past(ids.shape[0]))
         return out[0] if single else out
 
     def perplexity(self, windows: np.ndarray) -> float:
@@ -99,9 +113,13 @@ class CausalLM(CompiledModel):
             count += len(w) - 1
         return float(np.exp(total / count))
 
-    def stream(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None, stop_on_eos: bool = True) -> Iterator[int]:
-        """Yield generated token ids one at a time (prompt: text or token ids)."""
+    def _capacity(self, prompts: list[list[int]], max_new_tokens: int) -> int:
+        """KV buffer slots for one generation: what it can reach (not the artifact's whole max_length), at least the
+        widest sliding window (GroupQueryAttention wants that much room), at most max_length (longer is refused)."""
+        need = max(len(p) for p in prompts) + max_new_tokens
+        return int(min(self.max_length, max(need, int(self._pre.get("min_kv_slots") or 0))))
+
+    def _prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
             ids = self.encode(prompt)
         elif isinstance(prompt, (list, tuple, np.ndarray)):
@@ -110,6 +128,10 @@ class CausalLM(CompiledModel):
             raise FeedTypeError(f"generate() takes a prompt as text or a list of token ids, got {type(prompt).__name__}")
         if not ids:
             raise FeedError("generate() needs a non-empty prompt")
+        return ids
+
+    @staticmethod
+    def _check_sampling(max_new_tokens, temperature, top_p, seed) -> None:
         _check_number("max_new_tokens", max_new_tokens, integer=True)
         _check_number("temperature", temperature)
         _check_number("top_p", top_p)
@@ -117,9 +139,28 @@ class CausalLM(CompiledModel):
             _check_number("seed", seed, integer=True)
         if max_new_tokens < 0 or not 0.0 < top_p <= 1.0:
             raise FeedError("max_new_tokens must be >= 0 and top_p in (0, 1]")
+
+    def stream(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None, stop_on_eos: bool = True) -> Iterator[int]:
+        """Yield generated token ids one at a time (prompt: text or token ids)."""
+        ids = self._prompt_ids(prompt)
+        self._check_sampling(max_new_tokens, temperature, top_p, seed)
         rng = np.random.default_rng(seed)
+        if self.shared_kv:
+            if max_new_tokens == 0:
+                return
+            decoder = SharedKVDecoder(self.session, self._kv_per_block, self.head_dim, 1, self._capacity([ids], max_new_tokens))
+            logits = decoder.prefill([ids], self.prefill_chunk)[0]
+            for n in range(max_new_tokens):
+                token = sample_next(logits, temperature, top_p, rng)
+                if stop_on_eos and token in self.eos_token_ids:
+                    return
+                yield token
+                if n + 1 < max_new_tokens:
+                    logits = decoder.step(np.array([token], np.int64))[0]
+            return
         x = np.array([ids], dtype=np.int64)
-        mask = np.concatenate([np.zeros((1, 1), np.int64), np.ones((1, len(ids)), np.int64)], axis=1)
+        mask = self._prefill_mask(x.shape)
         past = self._empty_past(1)
         for _ in range(max_new_tokens):
             logits, past = self._step(x, mask, past)
@@ -129,6 +170,36 @@ class CausalLM(CompiledModel):
             yield token
             x = np.array([[token]], dtype=np.int64)
             mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+
+    def generate_batch(self, prompts: list, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                       seed: int | None = None, stop_on_eos: bool = True) -> list:
+        """Continue several prompts at once (one batched prefill, then one batched step per token); a row stops at
+        its end-of-sequence token. Text in, text out (token ids in, token ids out), in prompt order."""
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise FeedTypeError("generate_batch() takes a non-empty list of prompts (texts or token-id lists)")
+        ids = [self._prompt_ids(p) for p in prompts]
+        self._check_sampling(max_new_tokens, temperature, top_p, seed)
+        if not self.shared_kv:  # the generic graph has no right-padded batching: one prompt at a time
+            outs = [list(self.stream(p, max_new_tokens, temperature, top_p, seed, stop_on_eos)) for p in ids]
+        else:
+            rng = np.random.default_rng(seed)
+            outs = [[] for _ in ids]
+            done = np.zeros(len(ids), bool)
+            decoder = SharedKVDecoder(self.session, self._kv_per_block, self.head_dim, len(ids),
+                                      self._capacity(ids, max_new_tokens))
+            logits = decoder.prefill(ids, self.prefill_chunk) if max_new_tokens else None
+            for n in range(max_new_tokens):
+                tokens = np.array([sample_next(row, temperature, top_p, rng) for row in logits], np.int64)
+                for b, t in enumerate(tokens):
+                    if not done[b]:
+                        if stop_on_eos and t in self.eos_token_ids:
+                            done[b] = True
+                        else:
+                            outs[b].append(int(t))
+                if done.all() or n + 1 == max_new_tokens:
+                    break
+                logits = decoder.step(tokens)
+        return [self.decode(o) if isinstance(p, str) else o for p, o in zip(prompts, outs)]
 
     def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, stop_on_eos: bool = True, on_text: Callable[[str], None] | None = None):

@@ -101,6 +101,10 @@ def compile_artifact(handle, output: str | Path, validation=None, *, force: bool
                 deployed["buckets"] = compile_buckets(handle, original, tmp, options, cfg, source, result, step)
         manifest = build_manifest(handle, dense, stats, result, recipe)
         manifest["export"] = deployed
+        if deployed.get("lowering", {}).get("lowering") == "fused":
+            from compressor.export.decoder_deploy import mark_fused
+
+            mark_fused(manifest, options)
         publish_validated(tmp, manifest, result, output)
         return manifest
     finally:
@@ -116,14 +120,31 @@ def _compile_decoder(handle, tmp: Path, cfg, options, step):
     from compressor.sources.source import load_source
     from compressor.export.validate_lm import validate_lm
 
-    step("capturing and lowering the decoder to ONNX")
+    from compressor.export.decoder_deploy import deploy_fused_decoder, mark_fused
+    from compressor.export.lower_decoder import fused_refusal
+    from compressor.export.optimize import fused_decoder
+
+    step("capturing the decoder")
     stats = graph_stats(capture(handle.program(), handle.example_inputs()))
-    lower_decoder_to_onnx(handle.program(), handle.adapter, tmp / MODEL_FILE)
+    fused = fused_decoder(options)
+    refusal = fused_refusal(handle.adapter) if fused else None
+    if refusal and options.lowering == "fused":
+        raise UsageError(f"[export] lowering = \"fused\": {refusal}; use lowering = \"generic\"")
+    fused = fused and refusal is None
+    if fused:
+        deployed, lowered = deploy_fused_decoder(handle, tmp / MODEL_FILE, options, step)
+    else:
+        step("lowering the decoder to ONNX (traced)")
+        lower_decoder_to_onnx(handle.program(), handle.adapter, tmp / MODEL_FILE)
+        deployed, lowered = deploy_graph(tmp / MODEL_FILE, options, handle.adapter, step)
+        if refusal:
+            deployed["lowering"] = {"lowering": "generic", "why": refusal}
     if handle.adapter.transformers_loadable:
         write_transformers_folder(handle, tmp, step)
-    deployed, lowered = deploy_graph(tmp / MODEL_FILE, options, handle.adapter, step)
     step("validating on held-out text")
     partial = build_manifest(handle, stats, stats, {}, None)
+    if fused:
+        mark_fused(partial, options)
     lm = CausalLM(tmp, partial)
     before = CausalLM(tmp, dict(partial, model_file=lowered.name)) if lowered else None
     reference, _ = load_source(handle.source.reload_spec)

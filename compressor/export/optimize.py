@@ -15,7 +15,14 @@ from compressor.errors import UsageError
 from compressor.export.onnx import quiet
 
 QUANTIZE_MODES = ("none", "int8-dynamic")
-OPTIONS_KEYS = {"fuse", "quantize", "per_channel", "buckets"}
+# language models, fused lowering (lower_decoder.py): weight precision and how the weights get there
+LOWERINGS = ("auto", "fused", "generic")
+WEIGHT_MODES = ("fp32", "int4", "int8")
+WEIGHT_METHODS = ("rtn", "hqq")
+GGUF_MODES = ("carry", "round", "exact", "requantize")
+DECODER_KEYS = {"lowering", "weights", "block_size", "symmetric", "method", "accuracy_level", "gguf", "keep_fp32",
+                "max_length"}
+OPTIONS_KEYS = {"fuse", "quantize", "per_channel", "buckets"} | DECODER_KEYS
 MIN_BUCKET = 8
 # onnxruntime.transformers.optimizer model types, by our adapters' model_type
 FUSION_MODEL_TYPES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert": "bert", "mpnet": "bert",
@@ -34,6 +41,21 @@ class ExportOptions:
     quantize: str = "none"  # "int8-dynamic": weights INT8, activations quantized per call (MatMul, Gemm, Attention)
     per_channel: bool = True  # one weight scale per output channel (keeps MiniLM's quality; per-tensor loses more)
     buckets: list[int] = field(default_factory=list)  # text: shorter static graphs beside seq_len (see buckets.py)
+    # language models only
+    # "fused": onnxruntime's fused operators (lower_decoder.py); "generic": the traced graph (where fuse / quantize
+    # apply); "auto": fused unless fuse or quantize is set
+    lowering: str = "auto"
+    weights: str = "fp32"  # fused: "int4" / "int8" weight-only MatMulNBits
+    block_size: int = 32  # weights quantized in blocks of this many input channels (power of two >= 16)
+    symmetric: bool = True  # re-quantized weights without zero points (GGUF codes keep theirs)
+    method: str = "rtn"  # onnxruntime's quantizer for weights that are re-quantized: round-to-nearest or HQQ
+    accuracy_level: int = 0  # MatMulNBits compute: 0 as the inputs (float32), 4 = int8 activations (faster)
+    # GGUF sources: "carry" the source's codes exactly where MatMulNBits can hold them (float block minimums as a
+    # small exact side matmul); "round": the same codes with minimums rounded to integer zero points (fastest
+    # kernels, not exact); "exact": carry, and refuse if any linear cannot be; "requantize": ignore the codes
+    gguf: str = "carry"
+    keep_fp32: list[str] = field(default_factory=list)  # linears kept FP32: "lm_head", "embed", "down_proj", ...
+    max_length: int = 4096  # positions a generation may reach (rotary rows, KV buffer length)
 
     @property
     def active(self) -> bool:
@@ -55,7 +77,47 @@ def export_options(raw: dict | ExportOptions | None, where: str = "[export]") ->
         raise UsageError(f"{where} quantize must be one of {list(QUANTIZE_MODES)}, got {values['quantize']!r}")
     if "buckets" in values:
         values["buckets"] = _checked_buckets(values["buckets"], where)
+    _check_decoder_options(values, where)
     return ExportOptions(**values)
+
+
+def _check_decoder_options(values: dict, where: str) -> None:
+    choices = {"lowering": LOWERINGS, "weights": WEIGHT_MODES, "method": WEIGHT_METHODS, "gguf": GGUF_MODES}
+    for key, allowed in choices.items():
+        if key in values and values[key] not in allowed:
+            raise UsageError(f"{where} {key} must be one of {list(allowed)}, got {values[key]!r}")
+    if "symmetric" in values and not isinstance(values["symmetric"], bool):
+        raise UsageError(f"{where} symmetric must be true or false, got {values['symmetric']!r}")
+    for key, low in (("block_size", 16), ("max_length", 16)):
+        v = values.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            raise UsageError(f"{where} {key} must be an integer >= {low}, got {v!r}")
+    b = values.get("block_size")
+    if b is not None and b & (b - 1):
+        raise UsageError(f"{where} block_size must be a power of two (16, 32, 64, 128), got {b}")
+    if values.get("accuracy_level", 0) not in (0, 1, 2, 3, 4) or isinstance(values.get("accuracy_level"), bool):
+        raise UsageError(f"{where} accuracy_level must be 0 (float compute) or 1-4 (4: int8 activations), "
+                         f"got {values['accuracy_level']!r}")
+    keep = values.get("keep_fp32")
+    if keep is not None and not (isinstance(keep, list) and all(isinstance(k, str) and k for k in keep)):
+        raise UsageError(f"{where} keep_fp32 must be a list of linear names, e.g. [\"lm_head\", \"down_proj\"]; got {keep!r}")
+    fused_only = [k for k in ("weights", "accuracy_level", "gguf", "keep_fp32", "block_size", "method", "symmetric")
+                  if k in values]
+    if values.get("lowering") == "generic" and fused_only:
+        raise UsageError(f"{where} {fused_only[0]} applies to the fused lowering; remove it or drop lowering = \"generic\"")
+    if values.get("lowering") == "fused" and (values.get("quantize", "none") != "none" or values.get("fuse")):
+        raise UsageError(f"{where} fuse and quantize rewrite the generic lowering's graph; with lowering = \"fused\" "
+                         "use weights = \"int4\" or \"int8\" instead")
+    if values.get("lowering") is None and (values.get("quantize", "none") != "none" or values.get("fuse")) and fused_only:
+        raise UsageError(f"{where} {fused_only[0]} applies to the fused lowering, but fuse / quantize select the generic "
+                         "one; remove fuse and quantize")
+
+
+def fused_decoder(options: ExportOptions) -> bool:
+    """Whether a language model takes the fused lowering (the default) or the traced generic graph."""
+    if options.lowering == "auto":
+        return not (options.fuse or options.quantize != "none")
+    return options.lowering == "fused"
 
 
 def _checked_buckets(buckets, where: str) -> list[int]:

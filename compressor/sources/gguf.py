@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,12 +39,13 @@ def converted_folder(path: Path, spec: str) -> Path:
     sha = sha256_file(path)
     dest = cache_dir() / "gguf" / sha[:16]
     if dest.exists():
+        _record_path(dest, path)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
     try:
         _convert(path, tmp / "model", spec)
-        (tmp / "model" / RECORD).write_text(json.dumps({"gguf_file": path.name, "gguf_sha256": sha}, indent=2))
+        (tmp / "model" / RECORD).write_text(json.dumps({"gguf_file": path.name, "gguf_sha256": sha, "gguf_path": str(path.resolve())}, indent=2))
         try:
             (tmp / "model").rename(dest)
         except OSError:
@@ -68,6 +70,50 @@ def _convert(path: Path, dest: Path, spec: str) -> None:
 
 
 def conversion_record(folder: Path) -> dict | None:
-    """The GGUF file a cached folder was converted from (name and sha256), or None for an ordinary folder."""
+    """The GGUF file a cached folder was converted from (name and sha256), or None for an ordinary folder.
+    (The record also keeps the file's local path for `source_gguf`; manifests carry only name and sha256.)"""
     record = Path(folder) / RECORD
-    return json.loads(record.read_text()) if record.exists() else None
+    return {k: v for k, v in json.loads(record.read_text()).items() if k != "gguf_path"} if record.exists() else None
+
+
+def _record_path(folder: Path, path: Path) -> None:
+    """Point an existing conversion's record at this copy of its GGUF when the recorded one is gone (or, for a folder
+    converted before paths were recorded, missing): best effort, the conversion itself is unaffected."""
+    record = folder / RECORD
+    try:
+        data = json.loads(record.read_text())
+        if data.get("gguf_path") and Path(data["gguf_path"]).is_file():
+            return
+        data["gguf_path"] = str(path.resolve())
+        tmp = record.with_name(f".{RECORD}.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(record)
+    except (OSError, ValueError):
+        pass
+
+
+def source_gguf(folder: Path) -> Path | None:
+    """The GGUF file a converted folder came from, or None (an ordinary folder, or a file since moved or changed).
+
+    A folder converted by `converted_folder` records the file's absolute path; the file is returned while its sha256
+    still matches the record (a folder converted before paths were recorded gives None until its GGUF is loaded
+    again, which records the path). The GGUF-based examples
+    (`example:smollm2`, `example:gemma3-270m`) are recognised by their cache folder; their GGUF is kept in the cache
+    (fetched or joined again if it was removed).
+    """
+    from compressor.sources.examples import GGUF_EXAMPLES, example_gguf
+
+    folder = Path(folder).resolve()
+    for name in GGUF_EXAMPLES:
+        if folder == (cache_dir() / "models" / name).resolve():
+            return example_gguf(name)
+    record = folder / RECORD
+    record = json.loads(record.read_text()) if record.exists() else None
+    if not record or not record.get("gguf_path"):
+        return None
+    path = Path(record["gguf_path"])
+    if not path.is_file():
+        return None
+    from compressor.sources.source import sha256_file
+
+    return path if sha256_file(path) == record.get("gguf_sha256") else None

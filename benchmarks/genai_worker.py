@@ -1,0 +1,182 @@
+"""onnxruntime-genai baseline worker (runs in the genai venv, see setup_genai.sh).
+
+Imports only onnxruntime_genai / onnxruntime / numpy, never the compressor
+package or torch. Request: one JSON object on stdin (or argv[1]: a JSON string
+or @path); result: one JSON object on stdout.
+
+  {"cmd": "decode", "model": DIR, "prompts": [[ids...], ...], "new_tokens": 64,
+   "threads": 2, "ignore_eos": true}
+      Greedy og.Generator run per prompt (after one warm-up generation).
+      prefill_ms = append_tokens(prompt) [runs the model over the prompt]
+                   + the first generate_next_token() [argmax of those logits,
+                   no model run] -> time to the first new token.
+      decode_tok_s = (new_tokens - 1) / time of the remaining
+                   generate_next_token() calls (each = one model step on the
+                   previous token + argmax).
+      ignore_eos sets min_length = prompt + new_tokens so exactly new_tokens come
+      out (genai masks EOS until then); generated ids are returned.
+  {"cmd": "perplexity", "model": DIR, "windows": [[ids]*512, ...] | "windows_file": X.npy}
+      onnxruntime InferenceSession on DIR/model.onnx (the graph genai runs):
+      input_ids [1,L], attention_mask ones [1,L], empty past KV (length 0).
+      ppl = exp(mean NLL of tokens 1..L-1 over all windows), float64 log-softmax.
+  {"cmd": "prefill", "model": DIR, "prompt": [ids] | "prompts": [[ids]],
+   "lengths": [128, 512], "runs": 5}
+      Fresh generator per run, times append_tokens of the first L ids
+      (after one warm-up run); min / median ms per length.
+
+Threads: the intra-op thread count reaches genai through og.Config.overlay(),
+which patches model.decoder.session_options.intra_op_num_threads of
+genai_config.json in memory (inter_op_num_threads = 1).
+"""
+import json
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+import onnxruntime_genai as og
+
+MIN_MAX_LENGTH = 0
+
+
+def _ids(req, key):
+    if key + "_file" in req:
+        path = req[key + "_file"]
+        arr = np.load(path) if path.endswith(".npy") else np.asarray(json.load(open(path)))
+    else:
+        arr = req[key]
+    return [np.asarray(x, dtype=np.int32) for x in arr]
+
+
+def load_model(path, threads):
+    # genai sizes the sliding-window KV ring as min(max_length, window); ORT 1.32's
+    # GQA (sliding_window_cache=1) rejects capacity < local_window_size, so
+    # _generator raises max_length to the window (generation still stops at new_tokens).
+    sw = json.load(open(f"{path}/genai_config.json"))["model"]["decoder"].get("sliding_window") or {}
+    global MIN_MAX_LENGTH
+    MIN_MAX_LENGTH = sw.get("window_size", 0) + sw.get("cache_slack", 0)
+    config = og.Config(path)
+    config.clear_providers()  # CPU
+    so = {"intra_op_num_threads": int(threads), "inter_op_num_threads": 1}
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": so}}}))
+    return og.Model(config)
+
+
+def _generator(model, prompt_len, new_tokens, ignore_eos):
+    params = og.GeneratorParams(model)
+    total = prompt_len + new_tokens
+    opts = {"do_sample": False, "max_length": max(total, MIN_MAX_LENGTH), "num_beams": 1}
+    if ignore_eos:
+        opts["min_length"] = total
+    params.set_search_options(**opts)
+    return og.Generator(model, params)
+
+
+def generate(model, prompt, new_tokens, ignore_eos=True):
+    gen = _generator(model, len(prompt), new_tokens, ignore_eos)
+    t0 = time.perf_counter()
+    gen.append_tokens(prompt)
+    gen.generate_next_token()
+    t1 = time.perf_counter()
+    n = 1
+    while n < new_tokens and not gen.is_done():
+        gen.generate_next_token()
+        n += 1
+    t2 = time.perf_counter()
+    out = [int(t) for t in gen.get_sequence(0)[len(prompt):]]
+    return out, t1 - t0, t2 - t1
+
+
+def cmd_decode(req):
+    model = load_model(req["model"], req.get("threads", 2))
+    prompts = _ids(req, "prompts")
+    new = int(req.get("new_tokens", 64))
+    ignore_eos = bool(req.get("ignore_eos", True))
+    generate(model, prompts[0], min(new, 8), ignore_eos)  # warm-up
+    runs = []
+    for p in prompts:
+        toks, t_pre, t_dec = generate(model, p, new, ignore_eos)
+        runs.append({"prompt_len": len(p), "prefill_ms": 1e3 * t_pre,
+                     "decode_tokens": len(toks) - 1, "decode_s": t_dec,
+                     "decode_tok_s": (len(toks) - 1) / t_dec if t_dec > 0 else None,
+                     "tokens": toks})
+    dec_tok = sum(r["decode_tokens"] for r in runs)
+    dec_s = sum(r["decode_s"] for r in runs)
+    return {"cmd": "decode", "model": req["model"], "new_tokens": new,
+            "prefill_ms_median": float(np.median([r["prefill_ms"] for r in runs])),
+            "decode_tok_s": dec_tok / dec_s, "runs": runs}
+
+
+def cmd_prefill(req):
+    model = load_model(req["model"], req.get("threads", 2))
+    prompt = _ids(req, "prompts")[0] if ("prompts" in req or "prompts_file" in req) \
+        else np.asarray(req["prompt"], dtype=np.int32)
+    n_runs = int(req.get("runs", 5))
+    res = {}
+    for L in req.get("lengths", [128, 512]):
+        assert len(prompt) >= L, f"prompt has {len(prompt)} ids < {L}"
+        ms = []
+        for i in range(n_runs + 1):  # first run = warm-up
+            gen = _generator(model, L, 1, False)
+            t0 = time.perf_counter()
+            gen.append_tokens(prompt[:L])
+            dt = 1e3 * (time.perf_counter() - t0)
+            if i:
+                ms.append(dt)
+            del gen
+        res[str(L)] = {"min_ms": min(ms), "median_ms": float(np.median(ms)), "runs_ms": ms}
+    return {"cmd": "prefill", "model": req["model"], "prefill": res}
+
+
+def cmd_perplexity(req):
+    mdir = req["model"]
+    cfg = json.load(open(f"{mdir}/genai_config.json"))["model"]["decoder"]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(req.get("threads", 2))
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(f"{mdir}/{cfg['filename']}", so, providers=["CPUExecutionProvider"])
+    windows = _ids(req, "windows")
+    sw = cfg.get("sliding_window") or {}
+    window = sw.get("window_size", 0) + sw.get("cache_slack", 0)
+    nll_sum, count, per_window = 0.0, 0, []
+    t0 = time.perf_counter()
+    for w in windows:
+        ids = w.astype(np.int64)[None, :]
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        for inp in sess.get_inputs():
+            if inp.name.startswith("past_key_values."):  # [B, kv_heads, past, head]
+                # Sliding-window layers (GQA sliding_window_cache=1, Gemma 3) take a
+                # fixed-capacity ring buffer: window_size + cache_slack slots, as genai
+                # allocates; the mask (0 past) says none are valid. Others: length 0.
+                past = window if inp.shape[2] == "past_sliding_length" else 0
+                shape = [1, inp.shape[1], past, cfg["head_size"]]
+                feed[inp.name] = np.zeros(shape, dtype=np.float32)
+        logits = sess.run(["logits"], feed)[0][0]  # [L, V]
+        w_nll = 0.0
+        for s in range(0, len(w) - 1, 64):  # float64 log-softmax in row chunks
+            x = logits[s:min(s + 64, len(w) - 1)].astype(np.float64)
+            m = x.max(axis=1, keepdims=True)
+            lse = m[:, 0] + np.log(np.exp(x - m).sum(axis=1))
+            tgt = w[s + 1:s + 1 + len(x)]
+            w_nll += float((lse - x[np.arange(len(x)), tgt]).sum())
+        per_window.append(float(np.exp(w_nll / (len(w) - 1))))
+        nll_sum += w_nll
+        count += len(w) - 1
+    return {"cmd": "perplexity", "model": mdir, "windows": len(windows), "tokens": count,
+            "mean_nll": nll_sum / count, "perplexity": float(np.exp(nll_sum / count)),
+            "per_window_ppl": per_window, "seconds": time.perf_counter() - t0}
+
+
+def main():
+    if len(sys.argv) > 1:
+        arg = sys.argv[1]
+        req = json.load(open(arg[1:])) if arg.startswith("@") else json.loads(arg)
+    else:
+        req = json.load(sys.stdin)
+    fn = {"decode": cmd_decode, "prefill": cmd_prefill, "perplexity": cmd_perplexity}[req["cmd"]]
+    json.dump(fn(req), sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Our language-model artifacts, measured the way benchmarks/genai_worker.py measures onnxruntime-genai's builds.
+
+Runs in the project's python with the torch-free runtime only (compressor.runtime: numpy + onnxruntime). One JSON
+request on stdin (or argv[1]: JSON or @path), one JSON result on stdout; same commands and fields as genai_worker:
+
+  {"cmd": "decode", "model": DIR, "prompts": [[ids...]], "new_tokens": 64, "threads": 2}
+      greedy, end-of-sequence ignored (exactly new_tokens), one warm-up generation first.
+      prefill_ms = prompt prefill + the first token's argmax (time to the first new token);
+      decode_tok_s = (new_tokens - 1) / time of the remaining steps.
+  {"cmd": "prefill", "model": DIR, "prompts": [[ids]], "lengths": [128, 512], "runs": 5}
+  {"cmd": "perplexity", "model": DIR, "windows_file": X.npy}
+Every result carries peak_rss_mb (this process's peak resident memory: the model, its session and the run).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compressor.runtime import load  # noqa: E402
+
+
+def _ids(req, key):
+    if key + "_file" in req:
+        path = req[key + "_file"]
+        return [np.asarray(x, np.int64) for x in (np.load(path) if path.endswith(".npy") else json.load(open(path)))]
+    return [np.asarray(x, np.int64) for x in req[key]]
+
+
+def generate(lm, prompt, new_tokens):
+    it = lm.stream(prompt.tolist(), max_new_tokens=new_tokens, stop_on_eos=False)
+    t0 = time.perf_counter()
+    tokens = [next(it)]
+    t1 = time.perf_counter()
+    tokens += list(it)
+    t2 = time.perf_counter()
+    return tokens, t1 - t0, t2 - t1
+
+
+def cmd_decode(lm, req):
+    prompts, new = _ids(req, "prompts"), int(req.get("new_tokens", 64))
+    generate(lm, prompts[0], min(new, 8))  # warm-up
+    runs = []
+    for p in prompts:
+        toks, t_pre, t_dec = generate(lm, p, new)
+        runs.append({"prompt_len": len(p), "prefill_ms": 1e3 * t_pre, "decode_tokens": len(toks) - 1,
+                     "decode_s": t_dec, "decode_tok_s": (len(toks) - 1) / t_dec, "tokens": toks})
+    return {"prefill_ms_median": float(np.median([r["prefill_ms"] for r in runs])),
+            "decode_tok_s": sum(r["decode_tokens"] for r in runs) / sum(r["decode_s"] for r in runs), "runs": runs}
+
+
+def cmd_prefill(lm, req):
+    prompt, res = _ids(req, "prompts")[0], {}
+    for length in req.get("lengths", [128, 512]):
+        ms = []
+        for i in range(int(req.get("runs", 5)) + 1):  # first run: warm-up
+            it = lm.stream(prompt[:length].tolist(), max_new_tokens=1, stop_on_eos=False)
+            t0 = time.perf_counter()
+            next(it)
+            if i:
+                ms.append(1e3 * (time.perf_counter() - t0))
+        res[str(length)] = {"min_ms": min(ms), "median_ms": float(np.median(ms)), "runs_ms": ms}
+    return {"prefill": res}
+
+
+def cmd_perplexity(lm, req):
+    return {"perplexity": lm.perplexity(np.stack(_ids(req, "windows")))}
+
+
+def main():
+    raw = sys.argv[1] if len(sys.argv) > 1 else sys.stdin.read()
+    if raw.startswith("@"):
+        raw = Path(raw[1:]).read_text()
+    req = json.loads(raw)
+    lm = load(req["model"], threads=int(req.get("threads", 2)))
+    out = {"decode": cmd_decode, "prefill": cmd_prefill, "perplexity": cmd_perplexity}[req["cmd"]](lm, req)
+    out.update(cmd=req["cmd"], model=req["model"], peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
