@@ -22,7 +22,8 @@ class SharedKVDecoder:
         self.session, self.max_length = session, max_length
         self.lengths = np.zeros(batch, np.int64)
         self.io = session.io_binding()
-        self.io.bind_output("logits")  # first, so it is output 0
+        self.vocab = int(next(o.shape[2] for o in session.get_outputs() if o.name == "logits"))
+        self._step_logits = self._step_value = self._bound = None  # (B, 1, V): bound once, reused by every step
         self._buffers = []  # numpy arrays the OrtValues wrap: kept alive as long as the binding
         for i, kv in enumerate(kv_heads):
             for kind in ("key", "value"):
@@ -42,10 +43,26 @@ class SharedKVDecoder:
         mask = (np.arange(width)[None, :] < total[:, None]).astype(np.int64)
         self.io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         self.io.bind_cpu_input("attention_mask", mask)
-        self.io.bind_output("logits")
+        logits = self._logits_buffer(ids.shape)
         self.session.run_with_iobinding(self.io)
         self.lengths = total
-        return self.io.get_outputs()[0].numpy()
+        return logits
+
+    def _logits_buffer(self, shape) -> np.ndarray:
+        """A numpy array the graph writes its logits into (no per-step output objects: reading them back through
+        get_outputs() wraps every bound output, the KV buffers included)."""
+        if shape[1] == 1 and self._step_logits is not None:
+            if self._bound is not self._step_logits:
+                self.io.bind_ortvalue_output("logits", self._step_value)
+                self._bound = self._step_logits
+            return self._step_logits
+        array = np.empty((shape[0], shape[1], self.vocab), np.float32)
+        value = ort.OrtValue.ortvalue_from_numpy(array)
+        self.io.bind_ortvalue_output("logits", value)
+        self._bound = array
+        if shape[1] == 1:
+            self._step_logits, self._step_value = array, value
+        return array
 
     def prefill(self, prompts: list[list[int]], chunk: int) -> np.ndarray:
         """Feed every row's prompt; returns each row's next-token logits (B, V). Rows of equal length are fed in
@@ -65,4 +82,4 @@ class SharedKVDecoder:
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Feed one token per row; returns next-token logits (B, V)."""
-        return self._run(tokens.reshape(-1, 1), np.ones(len(tokens), np.int64))[:, -1]
+        return self._run(tokens.reshape(-1, 1), np.ones(len(tokens), np.int64))[:, -1].copy()  # the buffer is reused

@@ -202,7 +202,7 @@ def _dense_decoder_layout(dense_path: Path, manifest: dict) -> dict:
     inputs = [spec(v) for v in graph.input]
     kv = [i["shape"][1] for i in inputs if i["name"].startswith("past_key_values.") and i["name"].endswith(".key")]
     return {"inputs": inputs, "outputs": [spec(v) for v in graph.output],
-            "preprocess": dict(manifest["preprocess"], num_layers=len(kv), kv_heads=kv)}
+            "preprocess": dict(manifest["preprocess"], num_layers=len(kv), kv_heads=kv, kv_cache=None)}  # traced layout
 
 
 class _Call:

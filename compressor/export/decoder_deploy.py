@@ -73,7 +73,8 @@ class WeightPlan:
             if self.gguf is not None:
                 named = {name: to_numpy(m.weight) for name, m in self.modules.items()}
                 self.carried = match_linears(self.gguf, named)
-                if options.gguf == "round":
+                self.carried = {n: w for n, w in self.carried.items() if not self.matches(n, options.requantize)}
+                if options.gguf == "round":  # speed first: integer zero points only, on the fast kernels
                     self.carried = {n: rounded_zero_points(w) for n, w in self.carried.items()}
         if options.gguf == "exact":
             self._check_exact()
@@ -93,9 +94,13 @@ class WeightPlan:
                              "GGUF codes (a pass changed them, or their GGUF type has no exact MatMulNBits form); use "
                              "gguf = \"carry\" to re-quantize those")
 
+    @staticmethod
+    def matches(name: str, patterns: list[str]) -> bool:
+        """A linear named by a pattern: its whole name, one of its parts ("down_proj"), or a prefix ("layers.3")."""
+        return any(p == name or p in name.split(".") or name.startswith(p + ".") for p in patterns)
+
     def kept(self, name: str) -> bool:
-        return any(pattern == name or pattern in name.split(".") or name.startswith(pattern + ".")
-                   or name.endswith("." + pattern) for pattern in self.options.keep_fp32)
+        return self.matches(name, self.options.keep_fp32)
 
     def __call__(self, name: str, parts: list[np.ndarray]) -> NBitsWeight | None:
         prefix, _, last = name.rpartition(".")

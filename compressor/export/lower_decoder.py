@@ -269,8 +269,7 @@ def quantized_embedding(g: GraphBuilder, nbits) -> str:
     if nbits.zero_points is None and nbits.bits == 8:  # its default zero point for 8 bits is not MatMulNBits' 128
         inputs.append(g.init("embed.zero_points", np.full((nbits.n, nbits.k_blocks), 128, np.uint8)))
     elif nbits.zero_points is not None:
-        inputs.append(g.op("Reshape", ["lm_head.zero_points", "embed.scale_shape"], "embed/ZeroShape")
-                      if nbits.bits == 8 else "lm_head.zero_points")
+        inputs.append(g.op("Reshape", ["lm_head.zero_points", "embed.scale_shape"], "embed/ZeroShape"))
     return g.op("GatherBlockQuantized", inputs, "embed/GatherBlockQuantized", domain=MS, bits=nbits.bits,
                 block_size=nbits.block_size, gather_axis=0, quantize_axis=1)
 

@@ -21,7 +21,7 @@ WEIGHT_MODES = ("fp32", "int4", "int8")
 WEIGHT_METHODS = ("rtn", "hqq")
 GGUF_MODES = ("carry", "round", "exact", "requantize")
 DECODER_KEYS = {"lowering", "weights", "block_size", "symmetric", "method", "accuracy_level", "gguf", "keep_fp32",
-                "max_length"}
+                "requantize", "max_length"}
 OPTIONS_KEYS = {"fuse", "quantize", "per_channel", "buckets"} | DECODER_KEYS
 MIN_BUCKET = 8
 # onnxruntime.transformers.optimizer model types, by our adapters' model_type
@@ -54,7 +54,8 @@ class ExportOptions:
     # small exact side matmul); "round": the same codes with minimums rounded to integer zero points (fastest
     # kernels, not exact); "exact": carry, and refuse if any linear cannot be; "requantize": ignore the codes
     gguf: str = "carry"
-    keep_fp32: list[str] = field(default_factory=list)  # linears kept FP32: "lm_head", "embed", "down_proj", ...
+    keep_fp32: list[str] = field(default_factory=list)  # linears kept FP32: "lm_head", "down_proj", "layers.0", ...
+    requantize: list[str] = field(default_factory=list)  # linears re-quantized at `weights` even where GGUF codes exist
     max_length: int = 4096  # positions a generation may reach (rotary rows, KV buffer length)
 
     @property
@@ -98,10 +99,12 @@ def _check_decoder_options(values: dict, where: str) -> None:
     if values.get("accuracy_level", 0) not in (0, 1, 2, 3, 4) or isinstance(values.get("accuracy_level"), bool):
         raise UsageError(f"{where} accuracy_level must be 0 (float compute) or 1-4 (4: int8 activations), "
                          f"got {values['accuracy_level']!r}")
-    keep = values.get("keep_fp32")
-    if keep is not None and not (isinstance(keep, list) and all(isinstance(k, str) and k for k in keep)):
-        raise UsageError(f"{where} keep_fp32 must be a list of linear names, e.g. [\"lm_head\", \"down_proj\"]; got {keep!r}")
-    fused_only = [k for k in ("weights", "accuracy_level", "gguf", "keep_fp32", "block_size", "method", "symmetric")
+    for key in ("keep_fp32", "requantize"):
+        names = values.get(key)
+        if names is not None and not (isinstance(names, list) and all(isinstance(k, str) and k for k in names)):
+            raise UsageError(f"{where} {key} must be a list of linear names, e.g. [\"lm_head\", \"down_proj\"]; got {names!r}")
+    fused_only = [k for k in ("weights", "accuracy_level", "gguf", "keep_fp32", "requantize", "block_size", "method",
+                              "symmetric")
                   if k in values]
     if values.get("lowering") == "generic" and fused_only:
         raise UsageError(f"{where} {fused_only[0]} applies to the fused lowering; remove it or drop lowering = \"generic\"")
