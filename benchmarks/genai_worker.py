@@ -35,17 +35,11 @@ import time
 import numpy as np
 import onnxruntime as ort
 import onnxruntime_genai as og
+from worker_common import peak_rss_mb, read_request, token_lists
 
 MIN_MAX_LENGTH = 0
 
 
-def _ids(req, key):
-    if key + "_file" in req:
-        path = req[key + "_file"]
-        arr = np.load(path) if path.endswith(".npy") else np.asarray(json.load(open(path)))
-    else:
-        arr = req[key]
-    return [np.asarray(x, dtype=np.int32) for x in arr]
 
 
 def load_model(path, threads):
@@ -89,7 +83,7 @@ def generate(model, prompt, new_tokens, ignore_eos=True):
 
 def cmd_decode(req):
     model = load_model(req["model"], req.get("threads", 2))
-    prompts = _ids(req, "prompts")
+    prompts = token_lists(req, "prompts", np.int32)
     new = int(req.get("new_tokens", 64))
     ignore_eos = bool(req.get("ignore_eos", True))
     generate(model, prompts[0], min(new, 8), ignore_eos)  # warm-up
@@ -109,7 +103,7 @@ def cmd_decode(req):
 
 def cmd_prefill(req):
     model = load_model(req["model"], req.get("threads", 2))
-    prompt = _ids(req, "prompts")[0] if ("prompts" in req or "prompts_file" in req) \
+    prompt = token_lists(req, "prompts", np.int32)[0] if ("prompts" in req or "prompts_file" in req) \
         else np.asarray(req["prompt"], dtype=np.int32)
     n_runs = int(req.get("runs", 5))
     res = {}
@@ -135,7 +129,7 @@ def cmd_perplexity(req):
     so.intra_op_num_threads = int(req.get("threads", 2))
     so.inter_op_num_threads = 1
     sess = ort.InferenceSession(f"{mdir}/{cfg['filename']}", so, providers=["CPUExecutionProvider"])
-    windows = _ids(req, "windows")
+    windows = token_lists(req, "windows", np.int32)
     sw = cfg.get("sliding_window") or {}
     window = sw.get("window_size", 0) + sw.get("cache_slack", 0)
     nll_sum, count, per_window = 0.0, 0, []
@@ -168,13 +162,11 @@ def cmd_perplexity(req):
 
 
 def main():
-    if len(sys.argv) > 1:
-        arg = sys.argv[1]
-        req = json.load(open(arg[1:])) if arg.startswith("@") else json.loads(arg)
-    else:
-        req = json.load(sys.stdin)
+    req = read_request()
     fn = {"decode": cmd_decode, "prefill": cmd_prefill, "perplexity": cmd_perplexity}[req["cmd"]]
-    json.dump(fn(req), sys.stdout)
+    out = fn(req)
+    out["peak_rss_mb"] = peak_rss_mb()  # this process: model + run
+    json.dump(out, sys.stdout)
     sys.stdout.write("\n")
 
 

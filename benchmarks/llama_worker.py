@@ -19,13 +19,9 @@ import time
 
 import numpy as np
 from llama_cpp import Llama
+from worker_common import peak_rss_mb, read_request, token_lists
 
 
-def _ids(req, key):
-    if key + "_file" in req:
-        path = req[key + "_file"]
-        return (np.load(path) if path.endswith(".npy") else np.asarray(json.load(open(path)))).tolist()
-    return req.get(key)
 
 
 def _last_logits(llm):
@@ -82,13 +78,14 @@ def perplexity(req, windows):
 
 
 def main():
-    arg = sys.argv[1] if len(sys.argv) > 1 else None
-    req = json.load(open(arg[1:])) if arg and arg.startswith("@") else json.loads(arg) if arg else json.load(sys.stdin)
+    req = read_request()
     assert req.get("cmd", "llama") == "llama", req.get("cmd")
     out = {"cmd": "llama", "gguf": req["gguf"], "threads": req.get("threads", 2)}
-    prompts, windows = _ids(req, "prompts"), _ids(req, "windows")
+    prompts = [p.tolist() for p in token_lists(req, "prompts")]
+    windows = [w.tolist() for w in token_lists(req, "windows")]
     if prompts:
         out["decode"] = decode(req, prompts)
+        out["decode"]["peak_rss_mb"] = peak_rss_mb()
     if windows:
         out["perplexity"] = perplexity(req, windows)
     json.dump(out, sys.stdout)

@@ -69,12 +69,10 @@ def rows_for(model: str, artifacts: dict[str, Path], gguf: Path | None) -> dict[
         if GENAI_PY.exists() and folder.exists():
             rows[label] = {"kind": "genai", "path": folder}
     if gguf is not None:
-        try:
-            import llama_cpp  # noqa: F401
+        import importlib.util
 
+        if importlib.util.find_spec("llama_cpp") is not None:
             rows["llama-cpp-python (source GGUF)"] = {"kind": "llama", "path": gguf}
-        except ImportError:
-            pass
     for name, path in artifacts.items():
         rows[f"ours: {name}"] = {"kind": "ours", "path": path}
     return rows
@@ -84,7 +82,8 @@ def measure(row: dict, cmd: str, wfile: Path, pfile: Path) -> dict:
     if row["kind"] == "llama":
         req = {"cmd": "llama", "gguf": str(row["path"]), "threads": 2, "new_tokens": 64}
         req.update({"prompts_file": str(pfile)} if cmd == "decode" else {"windows_file": str(wfile)})
-        return call(sys.executable, "llama_worker.py", req)
+        out = call(sys.executable, "llama_worker.py", req)
+        return out["decode"] if cmd == "decode" else out["perplexity"]
     python, worker = (str(GENAI_PY), "genai_worker.py") if row["kind"] == "genai" else (sys.executable, "lm_worker.py")
     req = {"cmd": cmd, "model": str(row["path"]), "threads": 2}
     if cmd == "decode":
@@ -119,7 +118,8 @@ def main():
             res = results[name]
             res.setdefault("decode_tok_s_rounds", []).append(round(out["decode_tok_s"], 2))
             res.setdefault("prefill_128_ms_rounds", []).append(round(out["prefill_ms_median"], 1))
-            res["peak_rss_mb"] = round(max(res.get("peak_rss_mb", 0), out.get("peak_rss_mb", 0)), 1)
+            if "peak_rss_mb" in out:
+                res["peak_rss_mb"] = round(max(res.get("peak_rss_mb", 0), out["peak_rss_mb"]), 1)
             res["tokens"] = [r["tokens"] for r in out["runs"]]
             print(f"round {rnd} {name}: {out['decode_tok_s']:.1f} tok/s", flush=True)
         loads.append(os.getloadavg()[0])

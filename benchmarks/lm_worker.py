@@ -15,7 +15,6 @@ Every result carries peak_rss_mb (this process's peak resident memory: the model
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -25,13 +24,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compressor.runtime import load  # noqa: E402
+from worker_common import peak_rss_mb, read_request, token_lists  # noqa: E402
 
 
-def _ids(req, key):
-    if key + "_file" in req:
-        path = req[key + "_file"]
-        return [np.asarray(x, np.int64) for x in (np.load(path) if path.endswith(".npy") else json.load(open(path)))]
-    return [np.asarray(x, np.int64) for x in req[key]]
 
 
 def generate(lm, prompt, new_tokens):
@@ -45,7 +40,7 @@ def generate(lm, prompt, new_tokens):
 
 
 def cmd_decode(lm, req):
-    prompts, new = _ids(req, "prompts"), int(req.get("new_tokens", 64))
+    prompts, new = token_lists(req, "prompts"), int(req.get("new_tokens", 64))
     generate(lm, prompts[0], min(new, 8))  # warm-up
     runs = []
     for p in prompts:
@@ -57,7 +52,7 @@ def cmd_decode(lm, req):
 
 
 def cmd_prefill(lm, req):
-    prompt, res = _ids(req, "prompts")[0], {}
+    prompt, res = token_lists(req, "prompts")[0], {}
     for length in req.get("lengths", [128, 512]):
         ms = []
         for i in range(int(req.get("runs", 5)) + 1):  # first run: warm-up
@@ -71,17 +66,14 @@ def cmd_prefill(lm, req):
 
 
 def cmd_perplexity(lm, req):
-    return {"perplexity": lm.perplexity(np.stack(_ids(req, "windows")))}
+    return {"perplexity": lm.perplexity(np.stack(token_lists(req, "windows")))}
 
 
 def main():
-    raw = sys.argv[1] if len(sys.argv) > 1 else sys.stdin.read()
-    if raw.startswith("@"):
-        raw = Path(raw[1:]).read_text()
-    req = json.loads(raw)
+    req = read_request()
     lm = load(req["model"], threads=int(req.get("threads", 2)))
     out = {"decode": cmd_decode, "prefill": cmd_prefill, "perplexity": cmd_perplexity}[req["cmd"]](lm, req)
-    out.update(cmd=req["cmd"], model=req["model"], peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    out.update(cmd=req["cmd"], model=req["model"], peak_rss_mb=peak_rss_mb())
     print(json.dumps(out))
 
 

@@ -182,10 +182,10 @@ GENAI_CONFIG = "genai_config.json"
 def mark_fused(manifest: dict, options: ExportOptions) -> None:
     """What the runtime needs to know of a fused graph: one shared KV buffer per layer, right-padded rows, and how
     many positions the rotary tables hold."""
-    windows = [w for w in manifest["model"].get("sliding_window", []) or [] if w] if isinstance(
-        manifest["model"].get("sliding_window"), list) else [manifest["model"].get("sliding_window") or 0]
+    window = manifest["model"].get("sliding_window")  # one for every block, a list per block, or absent
+    widest = max([w for w in (window if isinstance(window, list) else [window]) if w] or [0])
     manifest["preprocess"].update(kv_cache="shared", max_length=options.max_length, prefill_chunk=PREFILL_CHUNK,
-                                  min_kv_slots=min(options.max_length, max(windows or [0])))
+                                  min_kv_slots=min(options.max_length, widest))  # GQA wants room for its window
 
 
 PREFILL_CHUNK = 256  # prompt tokens fed per call when prefilling long prompts

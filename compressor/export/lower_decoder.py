@@ -210,7 +210,6 @@ def lower_decoder(ad, path: Path, opts: LoweringOptions | None = None) -> dict:
         x = g.op("Mul", [x, g.init("embed.scale", np.array(float(scale), np.float32))], "embed/Scale")
 
     pending = None  # the last block's output, added to the residual stream by the next norm (SkipSimplified...)
-    quantized = {}
     for i, layer in enumerate(layers):
         p = f"layers.{i}"
         h, x = residual_norm(g, x, pending, layer.attn_norm, f"{p}.attn_norm", layer, "attn")
