@@ -35,7 +35,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 import onnxruntime_genai as og
-from worker_common import peak_rss_mb, read_request, token_lists
+from worker_common import peak_rss_mb, read_request, time_prompts, token_lists
 
 MIN_MAX_LENGTH = 0
 
@@ -86,19 +86,8 @@ def cmd_decode(req):
     prompts = token_lists(req, "prompts", np.int32)
     new = int(req.get("new_tokens", 64))
     ignore_eos = bool(req.get("ignore_eos", True))
-    generate(model, prompts[0], min(new, 8), ignore_eos)  # warm-up
-    runs = []
-    for p in prompts:
-        toks, t_pre, t_dec = generate(model, p, new, ignore_eos)
-        runs.append({"prompt_len": len(p), "prefill_ms": 1e3 * t_pre,
-                     "decode_tokens": len(toks) - 1, "decode_s": t_dec,
-                     "decode_tok_s": (len(toks) - 1) / t_dec if t_dec > 0 else None,
-                     "tokens": toks})
-    dec_tok = sum(r["decode_tokens"] for r in runs)
-    dec_s = sum(r["decode_s"] for r in runs)
-    return {"cmd": "decode", "model": req["model"], "new_tokens": new,
-            "prefill_ms_median": float(np.median([r["prefill_ms"] for r in runs])),
-            "decode_tok_s": dec_tok / dec_s, "runs": runs}
+    out = time_prompts(lambda p, n: generate(model, p, n, ignore_eos), prompts, new)
+    return {"cmd": "decode", "model": req["model"], "new_tokens": new, **out}
 
 
 def cmd_prefill(req):

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 from llama_cpp import Llama
-from worker_common import peak_rss_mb, read_request, token_lists
+from worker_common import peak_rss_mb, read_request, time_prompts, token_lists
 
 
 
@@ -45,15 +45,7 @@ def decode(req, prompts):
     n_ctx = max(len(p) for p in prompts) + new
     llm = Llama(req["gguf"], n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=req.get("threads", 2),
                 n_threads_batch=req.get("threads", 2), logits_all=False, verbose=False)
-    generate(llm, prompts[0], min(new, 8))  # warm-up
-    runs = []
-    for p in prompts:
-        toks, t_pre, t_dec = generate(llm, p, new)
-        runs.append({"prompt_len": len(p), "prefill_ms": 1e3 * t_pre, "decode_tokens": len(toks) - 1,
-                     "decode_s": t_dec, "decode_tok_s": (len(toks) - 1) / t_dec, "tokens": toks})
-    return {"prefill_ms_median": float(np.median([r["prefill_ms"] for r in runs])),
-            "decode_tok_s": sum(r["decode_tokens"] for r in runs) / sum(r["decode_s"] for r in runs),
-            "runs": runs}
+    return time_prompts(lambda p, n: generate(llm, p, n), prompts, new)
 
 
 def perplexity(req, windows):

@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compressor.runtime import load  # noqa: E402
-from worker_common import peak_rss_mb, read_request, token_lists  # noqa: E402
+from worker_common import peak_rss_mb, read_request, time_prompts, token_lists  # noqa: E402
 
 
 
@@ -41,14 +41,7 @@ def generate(lm, prompt, new_tokens):
 
 def cmd_decode(lm, req):
     prompts, new = token_lists(req, "prompts"), int(req.get("new_tokens", 64))
-    generate(lm, prompts[0], min(new, 8))  # warm-up
-    runs = []
-    for p in prompts:
-        toks, t_pre, t_dec = generate(lm, p, new)
-        runs.append({"prompt_len": len(p), "prefill_ms": 1e3 * t_pre, "decode_tokens": len(toks) - 1,
-                     "decode_s": t_dec, "decode_tok_s": (len(toks) - 1) / t_dec, "tokens": toks})
-    return {"prefill_ms_median": float(np.median([r["prefill_ms"] for r in runs])),
-            "decode_tok_s": sum(r["decode_tokens"] for r in runs) / sum(r["decode_s"] for r in runs), "runs": runs}
+    return time_prompts(lambda p, n: generate(lm, p, n), prompts, new)
 
 
 def cmd_prefill(lm, req):

@@ -33,3 +33,16 @@ def read_request() -> dict:
     """One JSON request: argv[1] (JSON, or @path to a JSON file), else standard input."""
     raw = sys.argv[1] if len(sys.argv) > 1 else sys.stdin.read()
     return json.loads(Path(raw[1:]).read_text() if raw.startswith("@") else raw)
+
+
+def time_prompts(generate, prompts, new_tokens: int) -> dict:
+    """One warm-up, then `generate(prompt, new_tokens) -> (tokens, prefill_s, decode_s)` per prompt: time to the first
+    token and decode tokens/s over the rest, per prompt and overall."""
+    generate(prompts[0], min(new_tokens, 8))
+    runs = []
+    for p in prompts:
+        toks, t_pre, t_dec = generate(p, new_tokens)
+        runs.append({"prompt_len": len(p), "prefill_ms": 1e3 * t_pre, "decode_tokens": len(toks) - 1,
+                     "decode_s": t_dec, "decode_tok_s": (len(toks) - 1) / t_dec if t_dec > 0 else None, "tokens": toks})
+    return {"prefill_ms_median": float(np.median([r["prefill_ms"] for r in runs])),
+            "decode_tok_s": sum(r["decode_tokens"] for r in runs) / sum(r["decode_s"] for r in runs), "runs": runs}

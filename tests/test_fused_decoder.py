@@ -175,3 +175,30 @@ def test_gemma3_gguf_types_are_carried_or_requantized(tmp_path):
     assert np.abs(graph_logits(session(tmp_path / "q.onnx"), ids) - ref).max() < 2e-3 * np.abs(ref).max()
     config = json.loads(json.dumps(plan.record()))  # the manifest's record is plain JSON
     assert config["bits"] == 4 and config["gguf_source"].endswith(".gguf")
+
+
+@pytest.mark.slow
+def test_pruned_model_compiles_to_a_validated_4bit_artifact_that_genai_config_describes(small, tmp_path):
+    """Structure first, then weights: per-block head counts from width_prune and a removed block lower to the fused
+    graph with 4-bit weights (re-quantized: the passes changed them); the runtime generates in a batch; a model whose
+    blocks differ in head counts gets no genai_config.json, and the manifest says why."""
+    from compressor.runtime import load as load_artifact
+
+    from .conftest import build
+
+    cal = {"calibration_samples": 4, "calibration_len": 64, "batch": 4}
+    passes = [{"name": "width_prune", "params": 0.97, "mlp": False, **cal},
+              {"name": "layer_prune", "blocks": 1, "keep_first": True, **cal}]
+    out = build(tmp_path, "q", str(small["qwen3"]), passes, {"weights": "int4", "accuracy_level": 4}, samples=None,
+                perplexity_windows=1, window_len=64, max_perplexity_ratio=100.0, greedy_prompts=1, greedy_tokens=4,
+                min_greedy_agreement=0.0)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["validation"]["passed"] and m["validation"]["onnx_gap"] < 1e-3
+    assert m["export"]["lowering"]["ops"]["MatMulNBits"] >= 4 and m["preprocess"]["kv_cache"] == "shared"
+    assert set(m["export"]["weights"]["origins"]) == {"rtn 4-bit sym"}
+    genai = m["export"]["genai"]
+    assert genai["written"] == (out / "genai_config.json").exists()
+    lm = load_artifact(out)
+    outs = lm.generate_batch([[5, 6, 7], [8, 9, 10, 11, 12]], max_new_tokens=3, stop_on_eos=False)
+    assert [len(o) for o in outs] == [3, 3]
+    assert outs[1] == lm.generate([8, 9, 10, 11, 12], max_new_tokens=3, stop_on_eos=False)

@@ -152,6 +152,7 @@ def _compile_decoder(handle, tmp: Path, cfg, options, step):
     if lowered:
         del before
         lowered.unlink(missing_ok=True)
+        lowered.with_name(lowered.name + ".data").unlink(missing_ok=True)  # a graph over 1 GB keeps its weights beside it
     return stats, result, deployed
 
 
