@@ -98,6 +98,9 @@ class CausalLM(CompiledModel):
         ids = ids[None] if single else ids
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise FeedError("logits() takes token ids shaped (S,) or (B, S) with S >= 1")
+        if self.shared_kv and ids.shape[1] > self.max_length:
+            raise FeedError(f"logits() of {ids.shape[1]} tokens: this artifact holds max_length = {self.max_length} "
+                            "positions (compile with a larger [export] max_length)")
         out, _ = self._step(ids, self._prefill_mask(ids.shape), self._empty_past(ids.shape[0]))
         return out[0] if single else out
 
