@@ -187,9 +187,10 @@ def test_pruned_model_compiles_to_a_validated_4bit_artifact_that_genai_config_de
     from .conftest import build
 
     cal = {"calibration_samples": 4, "calibration_len": 64, "batch": 4}
-    passes = [{"name": "width_prune", "params": 0.97, "mlp": False, **cal},
-              {"name": "layer_prune", "blocks": 1, "keep_first": True, **cal}]
-    out = build(tmp_path, "q", str(small["qwen3"]), passes, {"weights": "int4", "accuracy_level": 4}, samples=None,
+    passes = [{"name": "width_prune", "params": 0.998, **cal},  # the tied 49152 x 64 embedding is most of the model
+              {"name": "layer_prune", "blocks": 1, "keep_first": False, **cal}]
+    out = build(tmp_path, "q", str(small["qwen3"]), passes, {"weights": "int4", "block_size": 16, "accuracy_level": 4},
+                samples=None,
                 perplexity_windows=1, window_len=64, max_perplexity_ratio=100.0, greedy_prompts=1, greedy_tokens=4,
                 min_greedy_agreement=0.0)
     m = json.loads((out / "manifest.json").read_text())
@@ -202,3 +203,10 @@ def test_pruned_model_compiles_to_a_validated_4bit_artifact_that_genai_config_de
     outs = lm.generate_batch([[5, 6, 7], [8, 9, 10, 11, 12]], max_new_tokens=3, stop_on_eos=False)
     assert [len(o) for o in outs] == [3, 3]
     assert outs[1] == lm.generate([8, 9, 10, 11, 12], max_new_tokens=3, stop_on_eos=False)
+    from compressor.errors import ValidationFailed
+
+    with pytest.raises(ValidationFailed, match="quantized graph's greedy agreement"):  # a bar no graph can pass
+        build(tmp_path, "q2", str(small["qwen3"]), [], {"weights": "int4", "accuracy_level": 4}, samples=None,
+              perplexity_windows=1, window_len=64, max_perplexity_ratio=100.0, greedy_prompts=1, greedy_tokens=4,
+              min_greedy_agreement=0.0, min_quantized_agreement=1.01)
+    assert not (tmp_path / "q2").exists()
