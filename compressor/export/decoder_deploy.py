@@ -108,21 +108,18 @@ class WeightPlan:
         if any(self.kept(n) for n in names):
             self.origins.update(dict.fromkeys(names, "fp32 (kept)"))
             return None
-        pieces = []
-        for n, w in zip(names, parts):
-            carrier = self.carried.get(n)
-            if carrier is None:
-                o = self.options
-                carrier = quantize_weight(w, self.bits, o.block_size, o.symmetric, o.method)
-            pieces.append(carrier)
+        pieces = [self.carried.get(n) or self.requantize(w) for n, w in zip(names, parts)]
         stacked = concat_rows(pieces)
         if stacked is None:  # parts in different formats (one carried, one not): re-quantize the stack as one
-            o = self.options
-            stacked = quantize_weight(np.concatenate(parts), self.bits, o.block_size, o.symmetric, o.method)
+            stacked = self.requantize(np.concatenate(parts))
             self.origins.update(dict.fromkeys(names, stacked.origin))
         else:
             self.origins.update((n, p.origin) for n, p in zip(names, pieces))
         return stacked
+
+    def requantize(self, w: np.ndarray) -> NBitsWeight:
+        o = self.options
+        return quantize_weight(w, self.bits, o.block_size, o.symmetric, o.method)
 
     def record(self) -> dict:
         return {"bits": self.bits, "block_size": self.options.block_size, "method": self.options.method,
@@ -150,11 +147,11 @@ def write_genai_config(ad, folder: Path, options: ExportOptions, model_file: str
                "blocks have different head counts, which genai_config.json cannot express")
         return {"written": False, "why": why}
     c = ad.config
-    eos = c.eos_token_id if isinstance(c.eos_token_id, list) else [c.eos_token_id]
+    eos = ad.preprocess_config({})["eos_token_ids"]  # the runtime's own list
     config = {
         "model": {
             "bos_token_id": c.bos_token_id, "context_length": options.max_length,
-            "eos_token_id": [int(e) for e in eos if e is not None],
+            "eos_token_id": eos,
             "pad_token_id": int(c.pad_token_id if c.pad_token_id is not None else eos[0]),
             "type": GENAI_TYPES[model_type], "vocab_size": c.vocab_size,
             "decoder": {

@@ -80,13 +80,14 @@ def linear(g: GraphBuilder, x: str, name: str, parts: list[tuple[np.ndarray, np.
            opts: LoweringOptions, nbits=None) -> str:
     """y = x @ W.T + b for W the rows of `parts` stacked (q, k, v in one matmul; gate and up in one), as an FP32
     MatMul or a MatMulNBits (the NBitsWeight given, or the one opts.weights returns for these parts)."""
-    weight, bias = concat_linears(parts)
+    bias = stacked_bias(parts)
     if nbits is None and opts.weights is not None:
         nbits = opts.weights(name, [w for w, _ in parts])
     offsets = None
     if nbits is not None and nbits.zero_points is not None and nbits.zero_points.dtype != np.uint8:
         nbits, offsets = split_zero_points(nbits)  # float zero points: the kernels' slow path; split them off
     if nbits is None:
+        weight = stacked_weight(parts)  # stacked only where it ships as FP32
         y = g.op("MatMul", [x, g.init(f"{name}.weight_t", weight.T)], f"{name}/MatMul")
         if bias is not None:
             y = g.op("Add", [y, g.init(f"{name}.bias", bias)], f"{name}/Add")
@@ -122,11 +123,15 @@ def module_weights(lin: torch.nn.Linear) -> tuple[np.ndarray, np.ndarray | None]
     return to_numpy(lin.weight), (to_numpy(lin.bias) if lin.bias is not None else None)
 
 
-def concat_linears(parts: list[tuple[np.ndarray, np.ndarray | None]]) -> tuple[np.ndarray, np.ndarray | None]:
-    weight = parts[0][0] if len(parts) == 1 else np.concatenate([w for w, _ in parts])
+def stacked_weight(parts: list[tuple[np.ndarray, np.ndarray | None]]) -> np.ndarray:
+    return parts[0][0] if len(parts) == 1 else np.concatenate([w for w, _ in parts])
+
+
+def stacked_bias(parts: list[tuple[np.ndarray, np.ndarray | None]]) -> np.ndarray | None:
+    """The parts' biases end to end (zeros for a part without one); None if no part has one."""
     if all(b is None for _, b in parts):
-        return weight, None
-    return weight, np.concatenate([b if b is not None else np.zeros(w.shape[0], np.float32) for w, b in parts])
+        return None
+    return np.concatenate([b if b is not None else np.zeros(w.shape[0], np.float32) for w, b in parts])
 
 
 def rotary_tables(ad, max_length: int) -> dict:
@@ -162,7 +167,7 @@ def fused_refusal(ad) -> str | None:
             return (f"GroupQueryAttention rotates a multiple of 16 channels per head, and this model rotates "
                     f"{2 * half} of {ad.head_dim}")
     for layer in ad.layers:
-        if type(layer.act).__name__ not in TANH_GELUS + ("SiLU", "SiLUActivation", "GELUActivation", "GELU"):
+        if type(layer.act).__name__ not in SILUS + TANH_GELUS + GELUS:
             return f"no fused form for the activation {type(layer.act).__name__}"
     return None
 
@@ -313,17 +318,19 @@ def mlp(g: GraphBuilder, h: str, layer, p: str, opts: LoweringOptions) -> str:
     return linear(g, prod, f"{p}.down_proj", [module_weights(layer.fc_out)], opts)
 
 
+SILUS = ("SiLU", "SiLUActivation")
 TANH_GELUS = ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "GELUPytorchTanh")
+GELUS = ("GELUActivation", "GELU")
 
 
 def activation(g: GraphBuilder, x: str, act: torch.nn.Module, name: str) -> str:
     """The MLP's activation: SiLU as Sigmoid * x, tanh-approximated GELU as FastGelu, exact GELU as Gelu."""
     kind = type(act).__name__
-    if kind in ("SiLU", "SiLUActivation"):
+    if kind in SILUS:
         return g.op("Mul", [x, g.op("Sigmoid", [x], f"{name}/Sigmoid")], f"{name}/Mul")
     if kind in TANH_GELUS:
         return g.op("FastGelu", [x], f"{name}/FastGelu", domain=MS)
-    if kind in ("GELUActivation", "GELU"):
+    if kind in GELUS:
         return g.op("Gelu", [x], f"{name}/Gelu", domain=MS)
     raise NotImplementedError(f"the fused decoder lowering has no activation for {kind}")
 
