@@ -185,6 +185,16 @@ def _weight(t, bits, block, codes, scale, zp, origin) -> NBitsWeight:
     return w.take_rows(t.unpermute_rows()) if t.heads else w
 
 
+def _k_scales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K super-block header: each 32-element sub-block's scale d * sc and minimum dmin * m (float32
+    products, as gguf-py computes them)."""
+    from gguf.quants import Q4_K
+
+    d, dmin = _f16(b[:, :2])[:, None], _f16(b[:, 2:4])[:, None]
+    sc, m = Q4_K.get_scale_min(b[:, 4:16].copy())
+    return (d * sc.astype(np.float32)).reshape(-1), (dmin * m.astype(np.float32)).reshape(-1)
+
+
 def to_nbits(t: GGUFTensor, split_zero_points: bool = False) -> NBitsWeight | None:
     """The exact MatMulNBits carrier of a GGUF tensor (un-permuted like transformers), or None for other types.
 
@@ -220,26 +230,18 @@ def to_nbits(t: GGUFTensor, split_zero_points: bool = False) -> NBitsWeight | No
         codes, scale, zp = _affine(q, _f16(b[:, :2]), -_f16(b[:, 2:4]))
         return _weight(t, 8, 32, codes, scale, zp, "gguf Q5_1 (exact; float zero points, lowered split)")
     if qt == Q.Q5_K:
-        from gguf.quants import Q4_K
-
         b = _blocks(t, 176)
         nb = len(b)
-        d, dmin = _f16(b[:, :2])[:, None], _f16(b[:, 2:4])[:, None]
-        sc, m = Q4_K.get_scale_min(b[:, 4:16].copy())
+        scale, minus = _k_scales(b)
         ql = (b[:, 48:].reshape(nb, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 0x0F
         qh = (b[:, 16:48].reshape(nb, 1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)) & 0x01
         q = (ql.reshape(nb, 8, 32) | (qh.reshape(nb, 8, 32) << 4)).reshape(nb * 8, 32)
-        codes, scale, zp = _affine(q, (d * sc.astype(np.float32)).reshape(-1), (dmin * m.astype(np.float32)).reshape(-1))
+        codes, scale, zp = _affine(q, scale, minus)
         return _weight(t, 8, 32, codes, scale, zp, "gguf Q5_K (exact; float zero points, lowered split)")
     if qt == Q.Q4_K:
-        from gguf.quants import Q4_K
-
         b = _blocks(t, 144)
         nb = len(b)
-        d, dmin = _f16(b[:, :2])[:, None], _f16(b[:, 2:4])[:, None]
-        sc, m = Q4_K.get_scale_min(b[:, 4:16].copy())
-        scale = (d * sc.astype(np.float32)).reshape(-1)  # float32 products, as gguf-py computes them
-        minus = (dmin * m.astype(np.float32)).reshape(-1)
+        scale, minus = _k_scales(b)
         qs = b[:, 16:].reshape(nb, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
         codes = (qs & 0x0F).reshape(nb * 8, 32)
         codes, scale, zp = _affine(codes, scale, minus)
