@@ -94,6 +94,20 @@ class _Header:
         align = int(self.fields.get("general.alignment", 32))
         self.data_start = -(-self.pos // align) * align
 
+    def data_end(self) -> int:
+        """Where the last tensor's bytes end (data start + the largest offset + byte size): a whole file is at least
+        this long. Raises ValueError for a tensor type this gguf package does not know."""
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        end = 0
+        for _, dims, qtype, offset in self.tensors:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+            count = 1
+            for d in dims:
+                count *= int(d)
+            end = max(end, offset + count // block * type_size)
+        return self.data_start + end
+
     def u32(self) -> int:
         v = self._u32.unpack_from(self.buf, self.pos)[0]
         self.pos += 4

@@ -11,6 +11,7 @@ from compressor.models import ModelAdapter, adapter_for, supported_model_types
 
 from compressor.errors import UsageError
 from compressor.sources.examples import EXAMPLES, example_folder
+from compressor.sources.checkpoint import check_loading_info, check_weights_file, load_failure
 from compressor.sources.gguf import conversion_record, converted_folder, gguf_file
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -93,21 +94,35 @@ def nearest_model_type(name: str) -> str | None:
 
 
 def load_source(spec: str) -> tuple[ModelAdapter, SourceInfo]:
-    """Load the model behind `spec` in eval mode, wrapped in its family adapter."""
+    """Load the model behind `spec` in eval mode, wrapped in its family adapter.
+
+    A checkpoint that does not fill the model its config describes is refused here, before any pass: weights missing
+    (transformers would initialise them randomly), tensors the model has no place for, shapes other than the
+    config's; also a weights file that is truncated or not a checkpoint. See `check_loading_info` for what is tolerated."""
     folder = resolve_folder(spec)
     model_type = read_model_type(folder, spec)
     weights = next((folder / w for w in WEIGHT_FILES if (folder / w).exists()), None)
     if weights is None:
         raise UsageError(f"'{spec}' has no weights ({' or '.join(WEIGHT_FILES)})")
+    check_weights_file(weights, spec)
+    import warnings
+
     import torch
     import transformers
 
     adapter_cls = adapter_for(model_type)
-    try:
-        auto = getattr(transformers, adapter_cls.auto_class)
-        model = auto.from_pretrained(str(folder), attn_implementation="eager", dtype=torch.float32).eval()
-    except Exception as e:  # transformers raises many types for a broken folder
-        raise UsageError(f"'{spec}': transformers could not load the model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    with warnings.catch_warnings(record=True) as caught:  # shown below only if the model loads (a refusal is one line)
+        try:
+            auto = getattr(transformers, adapter_cls.auto_class)
+            # ignore_mismatched_sizes: every mismatch comes back in the loading info (refused below), not only the first
+            model, info = auto.from_pretrained(str(folder), attn_implementation="eager", dtype=torch.float32,
+                                               output_loading_info=True, ignore_mismatched_sizes=True)
+        except Exception as e:  # transformers raises many types for a broken folder
+            raise UsageError(load_failure(e, weights, spec)) from None
+    check_loading_info(model, info, adapter_cls, weights, spec)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     adapter = adapter_cls(model, folder)
