@@ -25,3 +25,8 @@ class FeedTypeError(FeedError, TypeError):
 
 class ProviderError(RuntimeUsageError):
     """A requested onnxruntime execution provider is not available in this installation."""
+
+
+class ArtifactKindError(RuntimeUsageError, AttributeError):
+    """A method called on the wrong kind of artifact (generate() on a text encoder, transcribe() on a language model);
+    still an AttributeError, so hasattr(model, "generate") stays False where the artifact has no such method."""

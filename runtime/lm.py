@@ -17,6 +17,7 @@ import numpy as np
 from .decode import SharedKVDecoder
 from .errors import FeedError, FeedTypeError
 from .model import CompiledModel
+from .preprocess import check_text
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -56,8 +57,8 @@ def _check_number(name: str, value, integer: bool = False) -> None:
 
 
 class CausalLM(CompiledModel):
-    def __init__(self, folder, manifest, providers=None, threads=None, allow_fallback=False):
-        super().__init__(folder, manifest, providers, threads, allow_fallback)
+    def __init__(self, folder, manifest, providers=None, threads=None, allow_fallback=False, *, strict=False):
+        super().__init__(folder, manifest, providers, threads, allow_fallback, strict=strict)
         pre = self._pre
         self.num_layers, self.kv_heads, self.head_dim = pre["num_layers"], pre["kv_heads"], pre["head_dim"]
         self.eos_token_ids = set(pre.get("eos_token_ids") or [])
@@ -68,6 +69,7 @@ class CausalLM(CompiledModel):
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise FeedTypeError(f"encode() takes a string, got {type(text).__name__}")
+        check_text([text], "encode()", single=True)
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids) -> str:
@@ -124,7 +126,7 @@ class CausalLM(CompiledModel):
 
     def _prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
-            ids = self.encode(prompt)
+            ids = self.encode(check_text([prompt], "generate()", single=True)[0])
         elif isinstance(prompt, (list, tuple, np.ndarray)):
             ids = token_ids(prompt, "generate()").reshape(-1).tolist()
         else:

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .errors import FeedError, FeedTypeError
-from .preprocess import ImagePreprocessor, TextPreprocessor, as_list
+from .artifact import graph, member, REBUILD
+from .errors import ArtifactKindError, FeedError, FeedTypeError, RuntimeArtifactError, RuntimeUsageError
+from .preprocess import ImagePreprocessor, TextPreprocessor, as_list, load_tokenizer
 from .providers import check_session_providers, resolve_providers
 
 
@@ -69,15 +70,33 @@ def route(feeds: dict[str, np.ndarray], seq_lens: list[int]):
             yield seq_len, rows, {name: np.ascontiguousarray(v[rows, :seq_len]) for name, v in feeds.items()}
 
 
+# what each kind of artifact offers, for the one line that answers a method called on the wrong kind
+KIND_METHODS = {
+    "text": ("text encoder", ["embed", "run"]),
+    "image": ("vision encoder", ["embed_images", "run"]),
+    "causal_lm": ("language model", ["generate", "generate_batch", "stream", "logits", "perplexity", "encode", "decode",
+                                     "run"]),
+    "speech": ("speech model", ["transcribe", "transcribe_ids", "features", "encode_audio", "run"]),
+}
+METHOD_KIND = {name: kind for kind, (_, names) in KIND_METHODS.items() for name in names if name != "run"}
+
+
 class CompiledModel:
+    """A loaded artifact. load() builds it with `strict=True`: every file it opens then goes through artifact.member
+    (confined to the folder, listed in the manifest, SHA-256 checked) and every graph through artifact.graph (its
+    external data too). The compiler builds models on its own folders as they are (`strict=False`)."""
+
     def __init__(self, folder: Path, manifest: dict, providers=None, threads: int | None = None,
-                 allow_fallback: bool = False):
+                 allow_fallback: bool = False, *, strict: bool = False):
         self.folder = folder
         self.manifest = manifest
-        self.session = make_session(folder / manifest["model_file"], providers, threads, allow_fallback)
+        self.strict = strict
+        self.signature = {"signed": False, "verified": False, "key": None}  # load() fills it in
+        self.session = self._session(manifest["model_file"], "model_file", providers, threads, allow_fallback)
+        self._check_io(self.session, manifest["model_file"])
         # length buckets: seq_len -> session, the compiled seq_len's being self.session ({} without buckets)
         self.buckets = {seq: self.session if file == manifest["model_file"] else
-                        make_session(folder / file, providers, threads, allow_fallback)
+                        self._session(file, "export.buckets model_file", providers, threads, allow_fallback)
                         for seq, file in bucket_graphs(manifest)}
         self.inputs = {i["name"]: i for i in manifest["inputs"]}
         self.outputs = [o["name"] for o in manifest["outputs"]]
@@ -90,17 +109,65 @@ class CompiledModel:
         self._warned_truncation = False
         self._tokenizer = None
 
+    def _file(self, name: str, key: str) -> Path:
+        """The path of a file the model opens, by its name in the manifest (`key` says where, for messages)."""
+        return member(self.folder, self.manifest, name, key) if self.strict else self.folder / name
+
+    def _session(self, name: str, key: str, providers, threads, allow_fallback) -> ort.InferenceSession:
+        """A session on the graph the manifest names; with `strict`, its external data verified too and a graph
+        onnxruntime cannot open is one RuntimeArtifactError line."""
+        if not self.strict:
+            return make_session(self.folder / name, providers, threads, allow_fallback)
+        path = graph(self.folder, self.manifest, name, key)
+        try:
+            return make_session(path, providers, threads, allow_fallback)
+        except RuntimeUsageError:
+            raise
+        except Exception as e:
+            if not type(e).__module__.startswith("onnxruntime"):
+                raise
+            reason = " ".join(str(e).split())[:300]
+            raise RuntimeArtifactError(f"onnxruntime cannot open graph '{name}' ({reason}); {REBUILD}") from None
+
+    def _check_io(self, session: ort.InferenceSession, name: str) -> None:
+        """With `strict`, the graph takes exactly the inputs the manifest lists and gives the outputs it lists."""
+        if not self.strict:
+            return
+        graph_inputs = {i.name for i in session.get_inputs()}
+        graph_outputs = {o.name for o in session.get_outputs()}
+        listed_inputs = {i["name"] for i in self.manifest["inputs"]}
+        listed_outputs = {o["name"] for o in self.manifest["outputs"]}
+        if listed_inputs != graph_inputs or not listed_outputs <= graph_outputs:
+            wrong = sorted(listed_inputs ^ graph_inputs) or sorted(listed_outputs - graph_outputs)
+            raise RuntimeArtifactError(f"manifest.json 'inputs'/'outputs' do not match graph '{name}' (differ on "
+                                       f"{', '.join(wrong[:3])}); {REBUILD}")
+
+    def __getattr__(self, name: str):
+        """A method of another kind of artifact (generate() on a text encoder): one line naming what this one has."""
+        if name in METHOD_KIND or name == "tokenizer":  # (a property raising AttributeError lands here too)
+            self._wrong_kind(name)
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    def _wrong_kind(self, name: str):
+        kind = self.__dict__.get("kind")
+        what, methods = KIND_METHODS.get(kind, ("model", ["run"]))
+        has = ", ".join(m + "()" for m in methods)
+        if name == "tokenizer":
+            raise ArtifactKindError(f"this artifact is a {what} ({kind}): it carries no tokenizer, and has {has}")
+        raise ArtifactKindError(f"{name}() is for a {KIND_METHODS[METHOD_KIND[name]][0]}; this artifact is a {what} "
+                                f"({kind}), which has {has}")
+
     @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
     @property
     def tokenizer(self):
-        """The artifact's own tokenizer (language models and speech decode with it), loaded on first use."""
+        """The artifact's own tokenizer (text encoders, language models and speech), loaded on first use."""
         if self._tokenizer is None:
-            from tokenizers import Tokenizer
-
-            self._tokenizer = Tokenizer.from_file(str(self.folder / self._pre["tokenizer"]))
+            if not isinstance(self._pre.get("tokenizer"), str):
+                self._wrong_kind("tokenizer")
+            self._tokenizer = load_tokenizer(self._file(self._pre["tokenizer"], "preprocess.tokenizer"))
         return self._tokenizer
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -142,12 +209,15 @@ class CompiledModel:
         TruncationWarning says how many, once per model, so a long-document workload does not go unnoticed. An
         artifact compiled with length buckets runs each text in the shortest graph that holds it.
         """
+        if self.kind not in ("text", "image"):
+            self._wrong_kind("embed")
         texts = as_list(texts, "embed()", "strings", lambda t: isinstance(t, str))
         if self.kind != "text":
             raise FeedError("embed() is for text encoders; this artifact is a vision encoder: use embed_images()")
         if self._preprocessor is None:
             seq_len = int(self.inputs["input_ids"]["shape"][1])
-            self._preprocessor = TextPreprocessor(self.folder / self._pre["tokenizer"], seq_len, int(self._pre["pad_id"]))
+            self._preprocessor = TextPreprocessor(self._file(self._pre["tokenizer"], "preprocess.tokenizer"), seq_len,
+                                                  int(self._pre["pad_id"]))
         feeds = self._preprocessor(texts)
         cut = self._preprocessor.last_truncated
         if cut and not self._warned_truncation:
@@ -159,6 +229,8 @@ class CompiledModel:
 
     def embed_images(self, images) -> np.ndarray:
         """Embed PIL images or uint8 arrays with a vision encoder (resized and normalised as compiled)."""
+        if self.kind not in ("text", "image"):
+            self._wrong_kind("embed_images")
         images = ImagePreprocessor.image_list(images, "embed_images()")
         if self.kind != "image":
             raise FeedError("embed_images() is for vision encoders; this artifact is a text encoder: use embed()")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FeedError, FeedTypeError
+from .errors import FeedError, FeedTypeError, RuntimeArtifactError, RuntimeUsageError
 
 
 def as_list(values, call: str, what: str, item_ok) -> list:
@@ -23,18 +23,42 @@ def as_list(values, call: str, what: str, item_ok) -> list:
     return list(values)
 
 
+def check_text(texts: list[str], call: str, single: bool = False) -> list[str]:
+    """Texts the tokenizer can take: valid Unicode (a lone surrogate such as '\\ud800', left by decoding bytes with
+    errors='surrogateescape' or by a broken JSON escape, cannot be encoded as UTF-8), else one FeedError line."""
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            where = "the text" if single else f"item {i}"
+            raise FeedError(f"{call}: {where} is not valid Unicode (a lone surrogate {text[e.start]!r} at character "
+                            f"{e.start}); decode its bytes with errors='replace'") from None
+    return texts
+
+
+def load_tokenizer(path: Path):
+    """The `tokenizers` Tokenizer in a verified tokenizer.json; one that the library cannot read is one line."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except RuntimeUsageError:
+        raise
+    except Exception as e:  # tokenizers raises plain Exceptions
+        reason = " ".join(str(e).split())[:200]
+        raise RuntimeArtifactError(f"the tokenizer '{Path(path).name}' cannot be read ({reason}); rebuild the artifact") from None
+
+
 class TextPreprocessor:
     def __init__(self, tokenizer_file: Path, seq_len: int, pad_id: int):
-        from tokenizers import Tokenizer
-
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self.tokenizer = load_tokenizer(tokenizer_file)
         self.tokenizer.enable_truncation(max_length=seq_len)
         self.tokenizer.enable_padding(length=seq_len, pad_id=pad_id)
         self.seq_len = seq_len
         self.last_truncated = 0  # texts cut to seq_len by the latest call
 
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
-        texts = as_list(texts, "embed()", "strings", lambda t: isinstance(t, str))
+        texts = check_text(as_list(texts, "embed()", "strings", lambda t: isinstance(t, str)), "embed()")
         enc = self.tokenizer.encode_batch(texts)
         self.last_truncated = sum(1 for e in enc if e.overflowing)
         ids = np.array([e.ids for e in enc], dtype=np.int64).reshape(len(texts), self.seq_len)

@@ -70,7 +70,7 @@ def resolve_providers(requested=None, allow_fallback: bool = False, available: l
                    f"(available: {', '.join(available)})")
         if not allow_fallback:
             hint = f"; {GPU_HINT}" if {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(names) else ""
-            raise ProviderError(f"{message}{hint}; or pass allow_fallback=True to run on CPU")
+            raise ProviderError(f"{message}{hint}; or pass allow_fallback=True (CLI: --allow-cpu-fallback) to run on CPU")
         warnings.warn(f"{message}; falling back to {', '.join(map(_name_of, chosen)) or 'CPU'}", RuntimeWarning, stacklevel=3)
     if CPU not in [_name_of(c) for c in chosen]:
         chosen.append(CPU)
@@ -85,5 +85,6 @@ def check_session_providers(session, chosen: list, allow_fallback: bool) -> None
         return
     message = f"onnxruntime could not start {', '.join(dropped)} (its libraries did not load; see onnxruntime's log)"
     if not allow_fallback:
-        raise ProviderError(f"{message}; fix the installation or pass allow_fallback=True to run on CPU")
+        raise ProviderError(f"{message}; fix the installation or pass allow_fallback=True (CLI: --allow-cpu-fallback) to "
+                            "run on CPU")
     warnings.warn(f"{message}; running on {', '.join(session.get_providers())}", RuntimeWarning, stacklevel=3)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import FeedError, FeedTypeError
-from .model import CompiledModel, make_session
+from .artifact import REBUILD
+from .errors import FeedError, FeedTypeError, RuntimeArtifactError
+from .model import CompiledModel
 
 
 def log_mel(waveform: np.ndarray, mel_filters: np.ndarray, n_fft: int = 400, hop: int = 160,
@@ -47,16 +48,34 @@ def check_waveform(waveform, sampling_rate: int) -> np.ndarray:
 
 
 class SpeechModel(CompiledModel):
-    def __init__(self, folder, manifest, providers=None, threads=None, allow_fallback=False):
-        super().__init__(folder, manifest, providers, threads, allow_fallback)
+    def __init__(self, folder, manifest, providers=None, threads=None, allow_fallback=False, *, strict=False):
+        super().__init__(folder, manifest, providers, threads, allow_fallback, strict=strict)
         sp = manifest["speech"]
-        self.cross_kv = make_session(folder / sp["cross_kv_file"], providers, threads, allow_fallback)
-        self.decoder = make_session(folder / sp["decoder_file"], providers, threads, allow_fallback)
-        self.mel_filters = np.load(folder / sp["mel_filters_file"])
+        self.cross_kv = self._session(sp["cross_kv_file"], "speech.cross_kv_file", providers, threads, allow_fallback)
+        self.decoder = self._session(sp["decoder_file"], "speech.decoder_file", providers, threads, allow_fallback)
+        self.mel_filters = self._mel_filters(sp["mel_filters_file"])
         self.num_layers, self.heads, self.head_dim = sp["decoder_layers"], sp["heads"], sp["head_dim"]
         self.prefix, self.eot, self.max_positions = list(sp["prefix_ids"]), int(sp["eot_id"]), int(sp["max_target_positions"])
         self.suppress, self.begin_suppress = list(sp["suppress_ids"]), list(sp["begin_suppress_ids"])
         self.sampling_rate = int(self._pre["sampling_rate"])
+        vocab = next((o.shape[-1] for o in self.decoder.get_outputs() if o.name == "logits"), None)
+        ids = self.prefix + self.suppress + self.begin_suppress + [self.eot]
+        if strict and isinstance(vocab, int) and max(ids) >= vocab:
+            raise RuntimeArtifactError(f"manifest.json 'speech' names token id {max(ids)}, beyond the decoder's "
+                                       f"vocabulary of {vocab}; {REBUILD}")
+
+    def _mel_filters(self, name: str) -> np.ndarray:
+        """The stored filterbank (n_fft // 2 + 1, mels): a plain .npy array (never a pickle) of that shape."""
+        try:
+            mel = np.load(self._file(name, "speech.mel_filters_file"), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise RuntimeArtifactError(f"the mel filterbank '{name}' cannot be read as a numpy array "
+                                       f"({' '.join(str(e).split())}); {REBUILD}") from None
+        bins = int(self._pre["n_fft"]) // 2 + 1
+        if mel.ndim != 2 or mel.shape[0] != bins or not np.issubdtype(mel.dtype, np.floating):
+            raise RuntimeArtifactError(f"the mel filterbank '{name}' is {mel.dtype} {list(mel.shape)}; expected floats "
+                                       f"shaped [{bins}, mels] for n_fft {self._pre['n_fft']}; {REBUILD}")
+        return mel
 
     def features(self, waveform: np.ndarray) -> np.ndarray:
         """The encoder's input (1, mels, frames) for one waveform."""

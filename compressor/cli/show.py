@@ -102,6 +102,21 @@ def print_models(out, rows: list[dict]) -> None:
     out.print(t)
 
 
+def _stat(record: dict, key: str, spec: str = ".3f") -> str:
+    """A validation number formatted, or '?' where the record lacks it (an artifact from another version)."""
+    v = record.get(key)
+    return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else "?"
+
+
+def signature_row(path: str) -> str:
+    """What `compress inspect` says of an artifact's signature (checking it needs the public key: compress verify)."""
+    from compressor.runtime.signing import is_signed
+
+    if is_signed(path):
+        return f"signed (manifest.sig, Ed25519; check it with: compress verify {path} --key KEY.pub)"
+    return f"unsigned (sign it with: compress sign {path} --key KEY)"
+
+
 def print_inspect(out, info: dict, path: str) -> None:
     from rich.table import Table
 
@@ -119,14 +134,17 @@ def print_inspect(out, info: dict, path: str) -> None:
         t.add_row("params", f"{fmt_params(info['params']['dense'])} -> {fmt_params(info['params']['compressed'])}")
         val = info["validation"]
         if "wer_compressed" in val:  # speech
-            t.add_row("validation", f"passed={val['passed']} WER {val['wer_dense']:.3f} dense -> {val['wer_compressed']:.3f} "
-                      f"on {val['clips']} synthesised clips, ONNX/PyTorch agreement {val['export_agreement']:.2f}")
+            t.add_row("validation", f"passed={val.get('passed')} WER {_stat(val, 'wer_dense')} dense -> "
+                      f"{_stat(val, 'wer_compressed')} on {val.get('clips', '?')} synthesised clips, ONNX/PyTorch "
+                      f"agreement {_stat(val, 'export_agreement', '.2f')}")
         elif "perplexity_onnx" in val:
-            t.add_row("validation", f"passed={val['passed']} perplexity {val['perplexity_dense_torch']:.3f} dense -> "
-                      f"{val['perplexity_onnx']:.3f} ONNX, gap to PyTorch {val['onnx_gap']:.1e}, greedy agreement {val['greedy_agreement']:.2f}")
+            t.add_row("validation", f"passed={val.get('passed')} perplexity {_stat(val, 'perplexity_dense_torch')} dense -> "
+                      f"{_stat(val, 'perplexity_onnx')} ONNX, gap to PyTorch {_stat(val, 'onnx_gap', '.1e')}, greedy "
+                      f"agreement {_stat(val, 'greedy_agreement', '.2f')}")
         else:
-            t.add_row("validation", f"passed={val['passed']} cosine mean {val['cosine_to_dense_mean']:.4f} p5 "
-                      f"{val['cosine_to_dense_p5']:.4f} agreement {val['onnx_vs_torch_agreement']:.3f}")
+            t.add_row("validation", f"passed={val.get('passed')} cosine mean {_stat(val, 'cosine_to_dense_mean', '.4f')} p5 "
+                      f"{_stat(val, 'cosine_to_dense_p5', '.4f')} agreement {_stat(val, 'onnx_vs_torch_agreement')}")
+        t.add_row("signature", signature_row(path))
     else:
         t.add_row("params", fmt_params(info["params"]))
         t.add_row("FLOPs", f"{fmt_flops(info['flops'])} at {info['shapes']}")
