@@ -1,8 +1,9 @@
 """The `compress` command (typer, rich help, shell completion): a thin layer over the Python API.
 
 Exit codes: 0 success, 1 failure, 2 usage or input error, 3 validation failed (no artifact published), 130
-interrupted. Every error is one line on stderr, never a traceback. `main(argv)` returns the exit code, so tests and
-scripts can call it in-process.
+interrupted (Ctrl-C), 143 terminated (SIGTERM), 129 hung up (SIGHUP); after a signal the build's temporary folder is
+removed and nothing is published. Every error is one line on stderr, never a traceback. `main(argv)` returns the exit
+code, so tests and scripts can call it in-process.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import typer
 from compressor.cli.bars import progress_bars
 from compressor.cli.show import (PassPrinter, consoles, print_bench, print_inspect, print_models, print_passes,
                                  print_summary, write_json)
-from compressor.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CompressorError, UsageError
+from compressor.cli.signals import terminate_on_signals
+from compressor.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, CompressorError, Terminated,
+                               UsageError)
 from compressor.sources.examples import EXAMPLES
 
 _print_summary = print_summary  # the name tests and older callers import
 KNOWN_SOURCES = "a Hugging Face folder, a .gguf file, or " + " / ".join(f"example:{name}" for name in EXAMPLES)
-EXIT_INTERRUPTED = 130
+_building: list[Path] = []  # the --output of the `run` in progress, for the message if a signal ends it
 
 app = typer.Typer(name="compress", help="Ahead-of-time compression compiler for transformers.",
                   pretty_exceptions_enable=False, rich_markup_mode="rich",
@@ -44,6 +47,14 @@ def run(
     seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="compiled sequence length (text)")] = None,
     image_size: Annotated[Optional[int], typer.Option("--image-size", help="compiled square image size (vision)")] = None,
     samples: Annotated[Optional[int], typer.Option(help="held-out validation samples")] = None,
+    validate: Annotated[Optional[list[str]], typer.Option(
+        "--validate", metavar="KEY=VALUE",
+        help="a validation bar or count, e.g. max_perplexity_ratio=1.7 or min_cosine_mean=0.9 (repeatable; the keys "
+             "of a recipe's \\[validation] table; overrides the recipe's value)")] = None,
+    data: Annotated[Optional[str], typer.Option(
+        "--data", metavar="PATH",
+        help="calibration data for the passes that calibrate: a text file (one text per line), an image folder or "
+             "an audio folder (the recipe's \\[data] calibration)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the fully resolved recipe and exit")] = False,
     force: Annotated[bool, typer.Option("--force", help="replace an existing artifact at --output")] = False,
     budget: Annotated[Optional[str], typer.Option(
@@ -69,6 +80,12 @@ def run(
             parsed.export[key] = value
     if samples is not None:
         parsed.validation["samples"] = samples
+    if validate:
+        from compressor.export.validate import parse_validation_override
+
+        parsed.validation.update(parse_validation_override(spec) for spec in validate)
+    if data is not None:
+        parsed.data["calibration"] = calibration_path(data)
     parsed_budget = None
     if budget is not None:
         from compressor.pipeline.budget import check_budget_recipe, parse_budget
@@ -79,25 +96,43 @@ def run(
     if dry_run:
         from compressor.pipeline.recipe import resolve_recipe
 
-        out.print(resolve_recipe(parsed).to_toml(), markup=False, highlight=False)
+        out.print(resolve_recipe(parsed).to_toml(), markup=False, highlight=False, soft_wrap=True)  # TOML: never wrapped
         return
     if not output:
         raise UsageError("--output DIR is required (where the artifact is written)")
     check_output_free(Path(output), force)  # now, not after minutes of passes
+    from compressor.export.compile import check_output
+    from compressor.export.publish_lock import output_lock
     from compressor.pipeline.build import run_recipe
 
-    with progress_bars(err, "loading model") as bars:
-        if parsed_budget is not None:
-            from compressor.pipeline.budget import run_budget
+    _building[:] = [Path(output)]
+    with output_lock(output):  # one build per output; held to the end (run_recipe / run_budget take it reentrantly)
+        check_output(Path(output), force)  # again under the lock: a build that just finished may have published there
+        with progress_bars(err, "loading model") as bars:
+            if parsed_budget is not None:
+                from compressor.pipeline.budget import run_budget
 
-            manifest = run_budget(parsed, parsed_budget, output, force=force, progress=bars.step)
-        else:
-            manifest = run_recipe(parsed, output, force=force, instruments=[PassPrinter(err, bars)], progress=bars.step)
+                manifest = run_budget(parsed, parsed_budget, output, force=force, progress=bars.step, log=bars.note)
+            else:
+                manifest = run_recipe(parsed, output, force=force, instruments=[PassPrinter(err, bars)], progress=bars.step)
     print_summary(out, manifest, output)
     if "budget" in manifest:
         b = manifest["budget"]
         out.print(f"budget: requested {b['requested']}, measured " + ", ".join(f"{k} {v:.3g}" for k, v in b["measured"].items()),
-                  markup=False, highlight=False)
+                  markup=False, highlight=False, soft_wrap=True)
+
+
+def calibration_path(path: str) -> str:
+    """--data PATH: it must exist (a typo is refused now, not after loading the model); kept absolute, since a
+    recipe's own relative paths are read relative to the recipe file."""
+    from compressor.pipeline.recipe import DATA_KEYS
+
+    if "calibration" not in DATA_KEYS:
+        raise UsageError("--data needs a compressor whose recipes take [data] calibration; this one does not yet")
+    if not Path(path).expanduser().exists():
+        raise UsageError(f"--data '{path}' does not exist; give a text file (one text per line), an image folder or an "
+                         "audio folder")
+    return str(Path(path).expanduser().absolute())
 
 
 def check_output_free(output: Path, force: bool) -> None:
@@ -216,7 +251,7 @@ def eval_(
         result = eval_perplexity(artifact, perplexity, windows, window_len, threads, progress=bars.step)
     out.print(f"perplexity over {result['windows']} windows of {result['window_len']} tokens of {perplexity}: "
               f"dense {result['perplexity_dense']:.3f}, compressed {result['perplexity_compressed']:.3f} "
-              f"({result['ratio']:.2f}x)")
+              f"({result['ratio']:.2f}x)", markup=False, highlight=False, soft_wrap=True)
     write_json(out, json_file, result)
 
 
@@ -233,7 +268,17 @@ def report(
     err, out = consoles()
     with err.status("drawing..."):
         summary = write_report(artifacts or [], output, sweep or [])
-    out.print(f"wrote {summary['output']} ({len(summary['rows'])} rows, {len(summary['images'])} pictures)", markup=False, highlight=False)
+    out.print(f"wrote {summary['output']} ({len(summary['rows'])} rows, {len(summary['images'])} pictures)", markup=False,
+              highlight=False, soft_wrap=True)
+    if summary["unmeasured"]:
+        out.print(f"speed-up and latency show '-' for {', '.join(summary['unmeasured'])}: no bench.json beside "
+                  f"{'it' if len(summary['unmeasured']) == 1 else 'them'}; run `compress bench ART --json "
+                  f"ART/bench.json` for each, then this command again", markup=False, highlight=False, soft_wrap=True)
+
+
+from compressor.cli.sign import register as register_signing  # noqa: E402  (keygen, sign, verify)
+
+register_signing(app)
 
 
 # ---------------------------------------------------------------- main
@@ -245,21 +290,34 @@ def main(argv: list[str] | None = None) -> int:
     from compressor.runtime.errors import RuntimeUsageError
 
     command = typer.main.get_command(app)
-    try:
-        code = command.main(args=argv, prog_name="compress", standalone_mode=False)
-    except (CompressorError, RuntimeUsageError) as e:
-        return _error(str(e), getattr(e, "exit_code", EXIT_FAILURE))
-    except typer.Abort:
-        return _error("aborted; nothing was published", EXIT_FAILURE)
-    except OSError as e:  # disk full, permissions: the user's environment, not a bug
-        return _error(f"{e.strerror or e} ({e.filename or ''})", EXIT_FAILURE)
-    except Exception as e:
-        if not _is_parse_error(e):
-            raise
-        return _error(f"{' '.join(e.format_message().split())} (see compress {_command_of(argv)}--help)", e.exit_code)
+    _building.clear()
+    with terminate_on_signals():  # SIGTERM / SIGHUP unwind like Ctrl-C: temporary folders removed, nothing published
+        try:
+            code = command.main(args=argv, prog_name="compress", standalone_mode=False)
+        except Terminated as e:
+            return _error(_stopped(str(e)), e.exit_code)
+        except (CompressorError, RuntimeUsageError) as e:
+            return _error(str(e), getattr(e, "exit_code", EXIT_FAILURE))
+        except typer.Abort:
+            return _error("aborted; nothing was published", EXIT_FAILURE)
+        except OSError as e:  # disk full, permissions: the user's environment, not a bug
+            return _error(f"{e.strerror or e} ({e.filename or ''})", EXIT_FAILURE)
+        except Exception as e:
+            if not _is_parse_error(e):
+                raise
+            return _error(f"{' '.join(e.format_message().split())} (see compress {_command_of(argv)}--help)", e.exit_code)
     if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into this exit code
-        return _error("interrupted; nothing was published", EXIT_INTERRUPTED)
+        return _error(_stopped("interrupted"), EXIT_INTERRUPTED)
     return code if isinstance(code, int) else EXIT_OK
+
+
+def _stopped(what: str) -> str:
+    """A signal's one line: whether the artifact was published before it came (publishing holds signals until both
+    renames are done, so it is all or nothing)."""
+    from compressor.export.publish_lock import was_published
+
+    done = [str(o) for o in _building if was_published(o)]
+    return f"{what} after publishing {done[0]}" if done else f"{what}; nothing was published"
 
 
 def _is_parse_error(e: Exception) -> bool:

@@ -14,9 +14,15 @@ class ProgressBars:
         from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         self.console = console
+        # Not on a terminal the live display is off: there it draws nothing while running and, when it stops, prints
+        # its last frame, an empty line, which put a blank line before a piped error message.
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=30),
-                                 _count_column(), TimeElapsedColumn(), console=console)
+                                 _count_column(), TimeElapsedColumn(), console=console, disable=not console.is_terminal)
         self.stage, self.stage_text, self.stage_start = None, "", 0.0
+
+    def note(self, line: str) -> None:
+        """One line that stays (a result, not progress): shown on a terminal above the bars and in a pipe alike."""
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     def step(self, message: str) -> None:
         self._close_stage()

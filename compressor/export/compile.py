@@ -13,7 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from compressor.runtime.artifact import FORMAT_NAME, FORMAT_VERSION, MANIFEST, hash_folder
+from compressor.runtime.artifact import FORMAT_NAME, FORMAT_VERSION, MANIFEST, hash_folder, read_manifest
+from compressor.runtime.errors import RuntimeArtifactError
 from compressor.runtime.model import make_session
 
 from compressor.program.capture import capture, graph_stats
@@ -21,7 +22,8 @@ from compressor.errors import UsageError, ValidationFailed
 from compressor.export.onnx import OPSET, OUTPUT_NAME, lower_to_onnx
 from compressor.program.handle import load as load_handle
 from compressor.export.optimize import check_buckets, deploy_graph, export_options, lowered_path
-from compressor.export.validate import validate, validation_config
+from compressor.export.publish_lock import note_published, old_path, output_lock, signals_deferred
+from compressor.export.validate import failure_message, validate, validation_config
 
 MODEL_FILE = "model.onnx"
 HF_FOLDER = "hf"  # the compressed model as a stock transformers folder, where it is one
@@ -41,11 +43,32 @@ def versions() -> dict:
 
 
 def check_output(output: Path, force: bool) -> None:
-    if output.exists():
-        if not force:
-            raise UsageError(f"output '{output}' already exists; choose another folder or pass --force to replace it")
-        if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST).exists():
-            raise UsageError(f"output '{output}' exists and is not an artifact; refusing to replace it even with --force")
+    """The output is free, or `force` and it is an artifact to replace: a folder whose manifest.json is a compressor
+    manifest (an empty folder too). A regular file, a link, or a folder of anything else is never replaced."""
+    if not (output.exists() or output.is_symlink()):
+        return
+    if not force:
+        raise UsageError(f"output '{output}' already exists; choose another folder or pass --force to replace it")
+    if output.is_symlink() or not output.is_dir():
+        kind = "a symbolic link" if output.is_symlink() else "a file, not an artifact folder"
+        raise UsageError(f"output '{output}' is {kind}; --force replaces only an artifact folder, choose another --output")
+    if any(output.iterdir()) and not is_artifact(output):
+        raise UsageError(f"output '{output}' exists and is not an artifact (no valid {MANIFEST}); refusing to replace "
+                         f"it even with --force, choose another --output")
+
+
+def is_artifact(folder: Path) -> bool:
+    """A folder holding a compressor manifest (read without checking the file hashes; any format version, so that an
+    artifact of an older compressor can be rebuilt in place)."""
+    try:
+        read_manifest(folder, verify=False)
+        return True
+    except RuntimeArtifactError:
+        try:  # only a version mismatch is left to accept: the format name is ours
+            fmt = json.loads((folder / MANIFEST).read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            return False
+        return isinstance(fmt, dict) and fmt.get("name") == FORMAT_NAME
 
 
 def export_onnx(handle, folder: Path, dense: bool = False, file_name: str = MODEL_FILE):
@@ -72,9 +95,12 @@ def compile_artifact(handle, output: str | Path, validation=None, *, force: bool
     options = export_options(options if options is not None else (recipe or {}).get("export"))
     check_buckets(options, handle.adapter.modality, handle.shapes.get("seq_len"))
     data = data or {}
-    check_output(output, force)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    step = progress or (lambda msg: None)
+    with output_lock(output):  # reentrant: `compress run` and run_recipe took it before the passes
+        check_output(output, force)
+        return _compile_locked(handle, output, cfg, options, data, recipe, progress or (lambda msg: None))
+
+
+def _compile_locked(handle, output: Path, cfg, options, data: dict, recipe: dict | None, step) -> dict:
     tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
     try:
         step("capturing the dense baseline")
@@ -172,20 +198,32 @@ def publish_validated(folder: Path, manifest: dict, result: dict, output: Path) 
     manifest["files"] = hash_folder(folder)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if not result["passed"]:
-        raise ValidationFailed("validation failed, nothing published: " + "; ".join(result["failures"]))
+        raise ValidationFailed(failure_message(result))
     publish(folder, output)
 
 
 def publish(tmp: Path, output: Path) -> None:
-    """Rename the finished folder into place; an existing artifact is moved aside first and removed after."""
+    """Rename the finished folder into place; an existing artifact is moved aside first and removed after. Signals
+    wait until both renames are done, and if the second fails the old artifact goes back: either the old artifact or
+    the new one is at `output`, never neither."""
     published_modes(tmp)
     old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{_dt.datetime.now().strftime('%H%M%S%f')}")
-        output.rename(old)
-    tmp.rename(output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        with signals_deferred():  # a signal held here is delivered at the end of the block, after both renames
+            if output.exists() or output.is_symlink():
+                old = old_path(output)
+                output.rename(old)
+            try:
+                tmp.rename(output)
+            except BaseException:
+                if old is not None:
+                    old.rename(output)
+                    old = None
+                raise
+            note_published(output)
+    finally:
+        if old is not None:  # the replaced artifact, also when a held signal is now ending the run
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def published_modes(folder: Path) -> None:
@@ -212,11 +250,13 @@ def build_manifest(handle, dense, stats, validation_result: dict, recipe: dict |
     else:
         width = getattr(handle.adapter, "output_size", hidden)  # e.g. CLIP's projection
         outputs = [{"name": OUTPUT_NAME, "shape": [handle.shapes["batch"], width], "dtype": "float32"}]
+    model = handle.adapter.describe()
+    model["params"] = stats.params  # counted as params.compressed is (weights and constants the graph reads)
     return {
         "format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "source": handle.source.to_json(),
-        "model": handle.adapter.describe(),
+        "model": model,
         "model_file": MODEL_FILE,
         "opset": OPSET,
         "shapes": handle.shapes,

@@ -191,6 +191,15 @@ def baselines_table(rows: list[Row]) -> str:
     return f"<h2>Speed-up against each dense baseline</h2><ul>{''.join(parts)}</ul>" if parts else ""
 
 
+def unmeasured_note(labels: list[str]) -> str:
+    """Under the table: which artifacts have no measured speed (their '–' cells) and the command that fills them."""
+    if not labels:
+        return ""
+    return (f"<p>Speed-up and latency are not measured for {html.escape(', '.join(labels))} (no <code>bench.json</code> "
+            f"beside the artifact): run <code>compress bench ART --json ART/bench.json</code> for each, then "
+            f"<code>compress report</code> again. Until then their points are placed at the FLOPs ratio (hollow).</p>")
+
+
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:13px}
 td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:nth-child(-n+3),th{text-align:left}img{max-width:100%}
 pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}"""
@@ -222,10 +231,11 @@ def write_report(artifacts: list[str | Path], output: str | Path, sweeps: list[s
         f"<h3>{html.escape(r.label)}</h3><pre>{html.escape(json.dumps(r.recipe, indent=2))}</pre>" for r in rows if r.recipe
     )
     figures = "".join(f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(data).decode()}"></figure>' for name, data in images.items())
+    unmeasured = [r.label for r in rows if r.group == "artifacts" and r.speedup is None]
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>compressor report</title><style>{STYLE}</style></head><body>"
         f"<h1>compressor report</h1><p>{len(rows)} rows; quality measures: <b>{html.escape(', '.join(keys) or 'none')}</b>.</p>"
-        f"{figures}<h2>Table</h2>{table(rows, keys)}{baselines_table(rows)}"
+        f"{figures}<h2>Table</h2>{table(rows, keys)}{unmeasured_note(unmeasured)}{baselines_table(rows)}"
         f"{'<h2>Recipes</h2>' + recipes if recipes else ''}</body></html>"
     )
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -238,5 +248,6 @@ def write_report(artifacts: list[str | Path], output: str | Path, sweeps: list[s
         "output": str(output),
         "quality_keys": keys,
         "images": [f"{output.stem}_{n}" for n in images],
+        "unmeasured": unmeasured,
         "rows": [{"label": r.label, "group": r.group, "speedup": r.speedup, "flops_ratio": r.flops_ratio, **r.quality} for r in rows],
     }

@@ -180,23 +180,25 @@ def compile_speech(adapter, plan: TokenPlan | None, output: Path, source: dict, 
     from compressor.runtime import load
     from compressor.sources.speech import speech_clips
 
+    from compressor.export.publish_lock import output_lock
+
     cfg, plan = cfg or SpeechValidation(), plan or TokenPlan()
     step = progress or (lambda msg: None)
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-    try:
-        step("exporting the encoder, cross keys/values and decoder")
-        folder = tmp / "artifact"
-        manifest = write_speech_folder(adapter, plan, folder, source, history)
-        step(f"validating on {cfg.clips} synthesised speech clips")
-        result = validate_speech(load(folder), adapter, plan, cfg, speech_clips(cfg.clips))
-        manifest.update(extra or {})
-        manifest["validation"] = result
-        publish_validated(folder, manifest, result, output)
-        return manifest
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with output_lock(output):  # reentrant: run_recipe took it before the passes; creates the parent folders
+        tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+        try:
+            step("exporting the encoder, cross keys/values and decoder")
+            folder = tmp / "artifact"
+            manifest = write_speech_folder(adapter, plan, folder, source, history)
+            step(f"validating on {cfg.clips} synthesised speech clips")
+            result = validate_speech(load(folder), adapter, plan, cfg, speech_clips(cfg.clips))
+            manifest.update(extra or {})
+            manifest["validation"] = result
+            publish_validated(folder, manifest, result, output)
+            return manifest
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_speech_passes(handle, passes) -> None:

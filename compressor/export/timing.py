@@ -4,10 +4,12 @@ whose budgets are measured rather than counted (width_prune and learned_rates `l
 
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -82,3 +84,62 @@ def time_module_at_sizes(module, example: tuple, sizes: list[int], repeats: int 
                 session.run(None, feeds[n])
                 times[n].append((time.perf_counter() - t) * 1000.0)
     return [statistics.median(times[n]) for n in sizes]
+
+
+# 95% half-width of a median's relative error per unit of spread (IQR / median) at one round: the median's standard
+# error is 1.2533 sigma / sqrt(n) and sigma is IQR / 1.349 for a normal spread, times 1.96.
+_HALF_WIDTH = 1.96 * 1.2533 / 1.349
+
+
+def time_paired(runs: dict[str, Callable[[], object]], reference: str, *, warmup: int = 2, min_rounds: int = 8,
+                max_rounds: int = 40, precision: float = 0.025, clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Time callables against `reference` so that the comparison holds while other jobs load the machine.
+
+    Interleaved: each round runs every callable once, in reverse order every other round (A B, B A, ...), so a drift
+    in the load falls on both sides alike. Compared as a ratio of medians (reference median / candidate median), which
+    a few runs slowed by another job hardly move. Each round also gives a paired ratio (its reference time over its
+    candidate time); their spread (IQR / median) says how noisy the machine is, and from it the 95% uncertainty of the
+    ratio (about 1.82 x spread / sqrt(rounds)). Rounds are added while any uncertainty exceeds `precision`, up to
+    `max_rounds`; a caller compares the uncertainty with its tolerance to tell a noisy measurement from a miss.
+
+    Returns {"ms": median ms per name, "ratio": reference / name, "spread", "uncertainty" (per name but the
+    reference), "rounds", "order": the names in the order they ran in the first two rounds}.
+    """
+    names = list(runs)
+    if reference not in runs or len(names) < 2:
+        raise ValueError("time_paired needs the reference and at least one candidate")
+    for _ in range(warmup):
+        for n in names:
+            runs[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    order: list[str] = []
+    rounds = 0
+    while True:
+        for n in (names if rounds % 2 == 0 else names[::-1]):
+            start = clock()
+            runs[n]()
+            times[n].append((clock() - start) * 1000.0)
+            if rounds < 2:
+                order.append(n)
+        rounds += 1
+        if rounds >= max_rounds or (rounds >= min_rounds and max(_paired(times, reference, n, rounds)[1]
+                                                                  for n in names if n != reference) <= precision):
+            break
+    ms = {n: statistics.median(t) for n, t in times.items()}
+    out = {"ms": ms, "ratio": {}, "spread": {}, "uncertainty": {}, "rounds": rounds, "order": order}
+    for n in names:
+        if n != reference:
+            spread, uncertainty = _paired(times, reference, n, rounds)
+            out["ratio"][n] = ms[reference] / ms[n]
+            out["spread"][n], out["uncertainty"][n] = spread, uncertainty
+    return out
+
+
+def _paired(times: dict[str, list[float]], reference: str, name: str, rounds: int) -> tuple[float, float]:
+    """(spread, uncertainty) of the per-round ratios reference / name."""
+    ratios = [r / max(c, 1e-9) for r, c in zip(times[reference], times[name])]
+    if len(ratios) < 2:
+        return float("inf"), float("inf")
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    spread = (q3 - q1) / statistics.median(ratios)
+    return spread, _HALF_WIDTH * spread / math.sqrt(rounds)

@@ -6,6 +6,7 @@ distribution of per-sample cosine similarities and the fraction of samples withi
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -77,16 +78,64 @@ def validate(handle, session, cfg: ValidationConfig, source: str | None = None, 
     if real_in:
         result["real_tokens_per_sample"] = real_in / len(ref)
         result["real_tokens_merged_fraction"] = 1.0 - real_out / real_in
-    failures = []
+    failures, relax = [], {}
     if result["cosine_to_dense_mean"] < cfg.min_cosine_mean:
-        failures.append(f"cosine to dense mean {result['cosine_to_dense_mean']:.4f} < {cfg.min_cosine_mean}")
+        failures.append(f"cosine to dense mean {result['cosine_to_dense_mean']:.4f} < min_cosine_mean {cfg.min_cosine_mean}")
+        relax["min_cosine_mean"] = at_least(result["cosine_to_dense_mean"])
     if result["cosine_to_dense_p5"] < cfg.min_cosine_p5:
-        failures.append(f"cosine to dense p5 {result['cosine_to_dense_p5']:.4f} < {cfg.min_cosine_p5}")
+        failures.append(f"cosine to dense p5 {result['cosine_to_dense_p5']:.4f} < min_cosine_p5 {cfg.min_cosine_p5}")
+        relax["min_cosine_p5"] = at_least(result["cosine_to_dense_p5"])
     if result["onnx_vs_torch_agreement"] < cfg.min_agreement:
-        failures.append(f"ONNX/PyTorch agreement {result['onnx_vs_torch_agreement']:.3f} < {cfg.min_agreement}")
+        failures.append(f"ONNX/PyTorch agreement {result['onnx_vs_torch_agreement']:.3f} < min_agreement {cfg.min_agreement}")
+        relax["min_agreement"] = at_least(result["onnx_vs_torch_agreement"])
     result["passed"] = not failures
     result["failures"] = failures
+    if relax:
+        result["relax"] = relax
     return result
+
+
+def at_least(measured: float) -> float:
+    """A lower bar the measured value meets: rounded down to 3 decimals (cosines, agreements, fractions)."""
+    return math.floor(measured * 1000) / 1000
+
+
+def at_most(measured: float) -> float:
+    """An upper bar the measured value meets: rounded up to 3 significant digits (ratios, gaps, increases)."""
+    if measured <= 0:
+        return 0.0
+    step = 10.0 ** (math.floor(math.log10(measured)) - 2)
+    bar = float(f"{math.ceil(measured / step - 1e-9) * step:.3g}")
+    return bar if bar >= measured else float(f"{bar + step:.3g}")
+
+
+# What to compress less: by the passes' own option names (compress passes lists them all).
+COMPRESS_LESS = "compress less (a smaller r or reduction, fewer blocks, a lower sparsity, flops or params closer to 1)"
+
+
+def failure_message(result: dict) -> str:
+    """The one line a failed validation ends in: each measured value against its bar (by key), then the two ways on:
+    compress less, or relax the bar from the command line or the recipe, with bars the measured values meet."""
+    relax = dict(result.get("relax") or speech_relax(result))
+    if relax:
+        flags = " ".join(f"--validate {k}={v}" for k, v in relax.items())
+        table = ", ".join(f"{k} = {v}" for k, v in relax.items())
+        relaxed = f"relax the bar: {flags} (in a recipe: [validation] {table})"
+    else:
+        relaxed = "relax the bar: --validate KEY=VALUE (in a recipe: [validation] KEY = VALUE)"
+    return f"validation failed, nothing published: {'; '.join(result['failures'])}; to pass, {COMPRESS_LESS} or {relaxed}"
+
+
+def speech_relax(result: dict) -> dict:
+    """Bars a speech validation's measured values meet (validate_speech reports values and config, not keys)."""
+    cfg, relax = result.get("config") or {}, {}
+    if "export_agreement" in result and result["export_agreement"] < cfg.get("min_export_agreement", 0.0):
+        relax["min_export_agreement"] = at_least(result["export_agreement"])
+    if "wer_compressed" in result:
+        rise = result["wer_compressed"] - result["wer_dense"]
+        if rise > cfg.get("max_wer_increase", float("inf")):
+            relax["max_wer_increase"] = at_most(rise)
+    return relax
 
 
 def _all_keys() -> set[str]:
@@ -104,7 +153,7 @@ VALIDATION_KEYS = _all_keys()
 
 
 def validation_config(modality: str, raw: dict | None):
-    """The typed thresholds for this kind of model from a recipe's [validation] table."""
+    """The typed thresholds for this kind of model from a recipe's [validation] table (and --validate overrides)."""
     from dataclasses import fields
 
     from compressor.errors import UsageError
@@ -122,8 +171,48 @@ def validation_config(modality: str, raw: dict | None):
         raise UsageError(f"[validation] key(s) {sorted(wrong)} do not apply to a {modality} model (use {sorted(allowed)})")
     values = {}
     for key, value in raw.items():
-        want = type(getattr(cls, key))
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UsageError(f"[validation] {key} must be a number, got {value!r}")
-        values[key] = want(value)
+        values[key] = typed_validation_value(key, value, type(getattr(cls, key)))
     return cls(**values)
+
+
+COUNTS_MAY_BE_ZERO = {"greedy_prompts", "greedy_tokens"}  # 0: no greedy check
+
+
+def typed_validation_value(key: str, value, want: type, where: str = "[validation]"):
+    """A threshold as its field's type: counts are whole numbers of at least 1, bars are finite numbers."""
+    from compressor.errors import UsageError
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UsageError(f"{where} {key} must be a number, got {value!r}")
+    if want is int:
+        least = 0 if key in COUNTS_MAY_BE_ZERO else 1
+        if value != int(value) or value < least:
+            raise UsageError(f"{where} {key} is a count: a whole number of at least {least}, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def parse_validation_override(spec: str) -> tuple[str, int | float]:
+    """`--validate KEY=VALUE`: a key of the recipe's [validation] table and a number (checked against the model's
+    kind of validation once the model is known, as the recipe's own keys are)."""
+    from compressor.errors import UsageError
+
+    key, sep, text = spec.partition("=")
+    key = key.strip()
+    if not sep or key not in VALIDATION_KEYS:
+        raise UsageError(f"--validate takes KEY=VALUE with KEY a [validation] key ({', '.join(sorted(VALIDATION_KEYS))}); "
+                         f"got '{spec}'")
+    try:
+        value = int(text) if text.strip().lstrip("+-").isdigit() else float(text)
+    except ValueError:
+        raise UsageError(f"--validate {key} needs a number, got '{text.strip()}'") from None
+    want = {type(getattr(c, key)) for c in _config_classes() if hasattr(c, key)}
+    return key, typed_validation_value(key, value, int if want == {int} else float, "--validate")
+
+
+def _config_classes() -> list[type]:
+    from compressor.export.validate_lm import LMValidationConfig
+
+    from compressor.export.speech import SpeechValidation
+
+    return [ValidationConfig, LMValidationConfig, SpeechValidation]

@@ -7,6 +7,11 @@ published only if it lands within the tolerance, otherwise nothing is written an
 records `budget: {requested, measured}` either way it is published. `flops` and `params` are ceilings (keep at
 most this fraction, within the tolerance); a measured speed-up must land within the tolerance of the request.
 
+Timing holds under load: the artifact and its dense baseline run interleaved (A B, B A, ...), the speed-up is a ratio
+of medians, rounds are added while the paired ratios spread wide (up to a cap), and the spread and the resulting
+uncertainty are recorded in `budget.measured`; each attempt is one line on stderr (`log`), and a miss, or a hit, whose
+timing was noisier than the tolerance says so.
+
 If merging alone misses a measured budget (or fails the recipe's validation bars) on an encoder whose recipe sets no
 `[export]` rewrites, the search runs once more with fusions and INT8 weights.
 
@@ -122,18 +127,26 @@ def max_token_reduction(handle) -> float:
     return TokenFlops.of(handle).reduction(most)
 
 
-def run_budget(recipe, budget: Budget, output, *, force: bool = False, progress=None) -> dict:
-    """Build the artifact for `budget`; returns its manifest (with the `budget` section)."""
-    from compressor.export.compile import check_output, compile_artifact, publish
+def run_budget(recipe, budget: Budget, output, *, force: bool = False, progress=None, log=None) -> dict:
+    """Build the artifact for `budget`; returns its manifest (with the `budget` section). `log` receives one line per
+    attempt of a measured budget (what was kept, what was measured and how noisy the timing was)."""
+    from compressor.export.compile import check_output
+    from compressor.export.publish_lock import output_lock
+
+    check_budget_recipe(recipe)
+    output = Path(output)
+    with output_lock(output):  # held from before the first attempt to the publish (reentrant under `compress run`)
+        check_output(output, force)
+        return _run_budget_locked(recipe, budget, output, progress, log or (lambda line: None))
+
+
+def _run_budget_locked(recipe, budget: Budget, output: Path, progress, log) -> dict:
+    from compressor.export.compile import compile_artifact, publish
     from compressor.pipeline.pass_manager import Pipeline
     from compressor.pipeline.recipe import resolve_recipe
     from compressor.program.handle import load
 
-    check_budget_recipe(recipe)
     step = progress or (lambda msg: None)
-    output = Path(output)
-    check_output(output, force)
-    output.parent.mkdir(parents=True, exist_ok=True)
     resolve_recipe(recipe)
 
     def build(keep: float | None, folder: Path) -> dict:
@@ -150,11 +163,14 @@ def run_budget(recipe, budget: Budget, output, *, force: bool = False, progress=
             chosen, measured = scratch[0], analytic_measure(manifest)
             missed = max(0.0, measured[budget.key] - budget.value) / budget.value  # a ceiling: keeping less is meeting it
         else:
-            chosen, manifest, measured, missed = search_speed_with_int8(recipe, budget, build, scratch, step)
+            chosen, manifest, measured, missed = search_speed_with_int8(recipe, budget, build, scratch, step, log)
         manifest["budget"] = {"requested": budget.to_json(), "measured": measured, "within_tolerance": missed <= budget.tolerance}
         if missed > budget.tolerance:
             raise ValidationFailed(f"budget missed: requested {budget.key}={budget.value}, measured {measured[budget.key]:.3g} "
-                                   f"({missed:.0%} off, tolerance {budget.tolerance:.0%}); nothing published")
+                                   f"({missed:.0%} off, tolerance {budget.tolerance:.0%}){noise_note(measured, budget)}; "
+                                   f"nothing published")
+        if noise_note(measured, budget):
+            log(f"warning: measured {measured[budget.key]:.3g} is within the tolerance, but{noise_note(measured, budget)[1:]}")
         (chosen / MANIFEST).write_text(json.dumps(manifest, indent=2))
         publish(chosen, output)
         return manifest
@@ -163,23 +179,34 @@ def run_budget(recipe, budget: Budget, output, *, force: bool = False, progress=
             shutil.rmtree(s, ignore_errors=True)
 
 
+def noise_note(measured: dict, budget: Budget) -> str:
+    """Why a measured miss may be the machine's noise rather than the artifact: said when the timing's own
+    uncertainty is as wide as the tolerance (another job on the cores), so a user knows to rerun it on a quiet one."""
+    uncertainty = measured.get("uncertainty")
+    if uncertainty is None or uncertainty * 2 <= budget.tolerance:
+        return ""
+    return (f"; the timings were noisy (+-{uncertainty:.0%} at 95% over {measured.get('rounds')} interleaved rounds, "
+            f"spread {measured.get('spread', 0):.0%}): another job shares this machine? measured budgets want a quiet one")
+
+
 INT8 = {"fuse": True, "quantize": "int8-dynamic"}
 
 
-def search_speed_with_int8(recipe, budget: Budget, build, scratch: list[Path], step):
+def search_speed_with_int8(recipe, budget: Budget, build, scratch: list[Path], step, log=None):
     """The speed search as the recipe exports; for an encoder whose recipe sets no deployment rewrites, if that
     misses (or every attempt fails validation), once more with fusions and INT8 weights, which buy speed for less
     quality than more token reduction does (the recipe's validation bars still apply)."""
     try:
-        found = search_speed(budget, build, scratch, step)
+        found = search_speed(budget, build, scratch, step, log)
         if found[3] <= budget.tolerance or recipe.deploy or is_language_model(recipe):
             return found
     except ValidationFailed:
         if recipe.deploy or is_language_model(recipe):
             raise
     step("merging alone misses the budget: searching again with fusions and INT8 weights")
+    (log or (lambda line: None))("budget: merging alone misses it; searching again with fusions and INT8 weights")
     recipe.deploy = dict(INT8)
-    return search_speed(budget, build, scratch, step)
+    return search_speed(budget, build, scratch, step, log)
 
 
 def is_language_model(recipe) -> bool:
@@ -202,8 +229,10 @@ def analytic_measure(manifest: dict) -> dict:
             "params": manifest["params"]["compressed"] / manifest["params"]["dense"]}
 
 
-def search_speed(budget: Budget, build, scratch: list[Path], step):
-    """Rescale the FLOPs target by the speed-up still missing until the measured one lands within tolerance."""
+def search_speed(budget: Budget, build, scratch: list[Path], step, log=None):
+    """Rescale the FLOPs target by the speed-up still missing until the measured one lands within tolerance. Each
+    attempt is one line to `log`: what it kept, what it measured, how noisy the timing was."""
+    log = log or (lambda line: None)
     target = budget.value if budget.key == "speedup" else None  # latency_ms: known once the dense model is timed
     keep, best, tried = (1.0 / target if target else 0.6), None, []
     for i, folder in enumerate(scratch):
@@ -212,25 +241,31 @@ def search_speed(budget: Budget, build, scratch: list[Path], step):
         try:
             manifest = build(keep, folder)
         except ValidationFailed as e:  # this much reduction breaks the quality bar
+            log(f"budget attempt {i + 1}: keeping {keep:.0%} of the dense FLOPs fails validation")
             if best is not None:
                 step(f"budget attempt {i + 1} failed validation; keeping attempt with {best[2]['speedup']:.2f}x")
                 break
             if i == len(scratch) - 1:
                 raise ValidationFailed(f"budget: keeping {keep:.0%} of the FLOPs still fails validation ({e}); "
-                                       "lower the budget or the [validation] bars") from None
+                                       "or lower the budget") from None
             step(f"budget attempt {i + 1} failed validation; reducing less")
             keep = (keep + 1.0) / 2  # half way back towards dense
             continue
-        bench = measure_speed(folder, budget.against)
+        step(f"budget attempt {i + 1}: timing it against the dense model, interleaved")
+        bench = measure_speed(folder, budget.against, precision=budget.tolerance / 2)
         if target is None:
             target = bench["dense_ms"] / budget.value
             if target <= 1.0:
                 raise UsageError(f"--budget latency_ms={budget.value}: the dense model already runs in {bench['dense_ms']:.0f} ms here")
         speedup = bench["speedup"]
         measured = {"speedup": speedup, "latency_ms": bench["compressed_ms"], "dense_ms": bench["dense_ms"],
-                    "flops": analytic_measure(manifest)["flops"]}
+                    "flops": analytic_measure(manifest)["flops"], "spread": bench["spread"],
+                    "uncertainty": bench["uncertainty"], "rounds": bench["rounds"]}
         missed = abs(speedup - target) / target
-        step(f"budget attempt {i + 1}: measured {speedup:.2f}x, requested {target:.2f}x")
+        noisy = " (noisy: wider than the tolerance)" if bench["uncertainty"] * 2 > budget.tolerance else ""
+        log(f"budget attempt {i + 1}: keeping {keep:.0%} of the dense FLOPs, measured {speedup:.2f}x "
+            f"+-{bench['uncertainty']:.1%} over {bench['rounds']} interleaved rounds{noisy} "
+            f"({bench['compressed_ms']:.1f} ms vs dense {bench['dense_ms']:.1f} ms), requested {target:.2f}x")
         if best is None or missed < best[3]:
             best = (folder, manifest, measured, missed)
         if missed <= budget.tolerance:
@@ -240,23 +275,61 @@ def search_speed(budget: Budget, build, scratch: list[Path], step):
     return best
 
 
-def measure_speed(folder: Path, against: str) -> dict:
+def measure_speed(folder: Path, against: str, precision: float = TOLERANCE / 2) -> dict:
     """The artifact's speed-up over the dense deployment the budget names (`speedup`, `dense_ms`, `compressed_ms`):
     the dense export at its shapes (static), or that model fused by onnxruntime, in FP32 or INT8; language models by
-    a 512-token prefill, text encoders on passages that fill the compiled length, images on held-out images."""
-    from compressor.export.bench import bench_artifact
-
-    if against == "static":
-        return bench_artifact(folder, repeats=10, warmup=2, baselines=False)
+    a 512-token prefill, text encoders on passages that fill the compiled length (static: one held-out batch),
+    images on held-out images. Timed by time_paired (interleaved, ratio of medians, rounds added while the spread is
+    wide); `spread`, `uncertainty` and `rounds` say how noisy the machine was."""
+    from compressor.export.timing import time_paired
     from compressor.runtime.artifact import read_manifest
 
-    if read_manifest(folder)["preprocess"]["kind"] == "causal_lm":
-        bench = bench_artifact(folder, repeats=5, warmup=1)
-        base = bench["baselines"][against]
-        return dict(bench, speedup=base["prefill_speedup"], dense_ms=base["prefill_ms"])
-    from compressor.export.baseline_bench import speedup_against
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    runs, what = speed_runners(folder, manifest, against)
+    got = time_paired(runs, "dense", precision=precision,
+                      **({"min_rounds": 5, "max_rounds": 24} if manifest["preprocess"]["kind"] == "causal_lm" else {}))
+    return {"against": against, "distribution": what, "dense_ms": got["ms"]["dense"],
+            "compressed_ms": got["ms"]["compressed"], "speedup": got["ratio"]["compressed"],
+            "spread": got["spread"]["compressed"], "uncertainty": got["uncertainty"]["compressed"], "rounds": got["rounds"]}
 
-    return speedup_against(folder, against, repeats=10, warmup=2)
+
+def speed_runners(folder: Path, manifest: dict, against: str, threads: int = 2) -> tuple[dict, str]:
+    """Zero-argument callables for the dense deployment ("dense") and the artifact ("compressed"), and what they run."""
+    from compressor.export.bench import dense_export
+    from compressor.runtime.model import make_session
+
+    dense_path = dense_export(manifest)
+    if manifest["preprocess"]["kind"] == "causal_lm":
+        from compressor.export.baselines import dense_decoder_fused
+        from compressor.export.bench import _dense_decoder_layout
+        from compressor.runtime.lm import CausalLM
+        from compressor.sources.lm_data import held_out_windows
+
+        if against != "static":
+            dense_path = dense_decoder_fused(manifest, dense_path, int8=against == "fused_int8")[0]
+        dense = CausalLM(dense_path.parent, dict(manifest, model_file=dense_path.name, **_dense_decoder_layout(dense_path, manifest)),
+                         threads=threads)
+        ours = CausalLM(folder, manifest, threads=threads)
+        window = held_out_windows(folder / manifest["preprocess"]["tokenizer"], 512, 1)[0]
+        return {"dense": lambda: dense.logits(window), "compressed": lambda: ours.logits(window)}, \
+            "a 512-token prefill of held-out Wikipedia text"
+    ours = make_session(folder / manifest["model_file"], threads=threads)
+    if against == "static":
+        from compressor.export.bench import held_out_batch
+
+        feeds = held_out_batch(folder, manifest)
+        dense = make_session(dense_path, threads=threads)
+        return {"dense": lambda: dense.run(None, feeds), "compressed": lambda: ours.run(None, feeds)}, "one held-out batch"
+    from compressor.export.baseline_bench import Batches, _preprocess, length_batches, length_distributions, static_batches
+    from compressor.export.baselines import dense_fused, dense_fused_int8
+
+    dense = make_session(dense_fused(manifest)[0] if against == "fused" else dense_fused_int8(manifest), threads=threads)
+    distributions = length_distributions(manifest, 2 * manifest["shapes"]["batch"])
+    what, raw = distributions["long" if "long" in distributions else "images"]
+    feeds, b = _preprocess(folder, manifest, raw), manifest["shapes"]["batch"]
+    dense_runs, our_runs = Batches(dense, length_batches(feeds, b)), Batches(ours, static_batches(feeds, b))
+    return {"dense": dense_runs.run, "compressed": our_runs.run}, what
 
 
 def next_keep(tried: list[tuple[float, float]], target: float) -> float:
