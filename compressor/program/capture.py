@@ -14,7 +14,7 @@ aten = torch.ops.aten
 @dataclass
 class GraphStats:
     flops: int  # multiply-accumulates x 2 of matmul-like ops (linear, matmul, conv)
-    params: int  # parameter and constant elements the graph reads
+    params: int  # floating-point parameter and constant elements the graph reads (weights, not index buffers)
     static: bool  # every intermediate shape is a concrete int
 
     def to_json(self) -> dict:
@@ -77,7 +77,8 @@ def graph_stats(program: torch.export.ExportedProgram) -> GraphStats:
     seen, params = set(), 0
     for name in used:
         t = state.get(name)
-        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:  # tied weights count once
+        # weights only (index buffers such as position ids are not parameters); tied weights count once
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.untyped_storage().data_ptr() not in seen:
             seen.add(t.untyped_storage().data_ptr())
             params += int(t.numel())
     return GraphStats(int(flops), int(params), static)
