@@ -213,3 +213,13 @@ def test_bad_calibration_data_is_one_line_exit_2(tmp_path, capsys, case):
 def test_too_little_calibration_data_from_the_installed_command(tmp_path):
     recipe, out = bad_recipe(tmp_path, "too_few"), tmp_path / "out"
     assert_refused(compress("run", str(recipe), "--output", str(out), timeout=120), CASES["too_few"][0], out)
+
+
+def test_speech_recipes_refuse_calibration_data():
+    """Whisper's only pass takes no data: a calibration path would do nothing, so it is refused, not ignored."""
+    from compressor.pipeline.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict({"model": {"source": "example:whisper-base"}, "passes": [{"name": "token_merge", "r": 150}],
+                               "data": {"calibration": str(Path(__file__).parent)}})
+    with pytest.raises(UsageError, match="no pass of a speech model calibrates on data"):
+        resolve_recipe(recipe)
