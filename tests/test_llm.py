@@ -268,9 +268,9 @@ def test_slicegpt_refuses_options_that_do_not_apply():
     from .conftest import SMALL_IMAGE
 
     handle = load("example:dinov2-small", **SMALL_IMAGE)
-    for options, message in (({"seed": 1}, "seed apply to language models"),
-                             ({"calibration_len": 64}, "calibration_len apply to language models"),
-                             ({"calibration_samples": 60000}, "at most 55000"),
+    # seed is no longer refused for images: it draws the calibration crops
+    for options, message in (({"calibration_len": 64}, "calibration_len apply to language models"),
+                             ({"calibration_samples": 60000}, "at most 4096"),
                              ({"tie_head": True, "mode": "portable"}, "DINOv2 has no LM head")):
         with pytest.raises(UsageError, match=message):
             Pipeline([SliceGPT(**options)]).run(handle)

@@ -53,8 +53,8 @@ def run(
              "of a recipe's \\[validation] table; overrides the recipe's value)")] = None,
     data: Annotated[Optional[str], typer.Option(
         "--data", metavar="PATH",
-        help="calibration data for the passes that calibrate: a text file (one text per line), an image folder or "
-             "an audio folder (the recipe's \\[data] calibration)")] = None,
+        help="calibration data for the passes that calibrate: a text file (one text per line) or an image folder "
+             "(the recipe's \\[data] calibration)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the fully resolved recipe and exit")] = False,
     force: Annotated[bool, typer.Option("--force", help="replace an existing artifact at --output")] = False,
     budget: Annotated[Optional[str], typer.Option(
@@ -86,6 +86,7 @@ def run(
         parsed.validation.update(parse_validation_override(spec) for spec in validate)
     if data is not None:
         parsed.data["calibration"] = calibration_path(data)
+        parsed.data.pop("calibration_sha256", None)  # a manifest's recipe rerun on other data: record the new data
     parsed_budget = None
     if budget is not None:
         from compressor.pipeline.budget import check_budget_recipe, parse_budget
@@ -130,8 +131,7 @@ def calibration_path(path: str) -> str:
     if "calibration" not in DATA_KEYS:
         raise UsageError("--data needs a compressor whose recipes take [data] calibration; this one does not yet")
     if not Path(path).expanduser().exists():
-        raise UsageError(f"--data '{path}' does not exist; give a text file (one text per line), an image folder or an "
-                         "audio folder")
+        raise UsageError(f"--data '{path}' does not exist; give a text file (one text per line) or an image folder")
     return str(Path(path).expanduser().absolute())
 
 

@@ -145,12 +145,14 @@ def _run_budget_locked(recipe, budget: Budget, output: Path, progress, log) -> d
     from compressor.pipeline.pass_manager import Pipeline
     from compressor.pipeline.recipe import resolve_recipe
     from compressor.program.handle import load
+    from compressor.sources.data import attach_calibration
 
     step = progress or (lambda msg: None)
     resolve_recipe(recipe)
 
     def build(keep: float | None, folder: Path) -> dict:
         handle = load(recipe.source, **recipe.export)
+        attach_calibration(handle, recipe.data)
         passes = passes_for(handle, keep_params=budget.value) if budget.key == "params" else passes_for(handle, keep_flops=keep)
         Pipeline(passes).run(handle)
         return compile_artifact(handle, folder, recipe.validation, force=True, data=recipe.data,

@@ -7,6 +7,7 @@ from pathlib import Path
 from compressor.export.compile import check_output, compile_artifact
 from compressor.export.publish_lock import output_lock
 from compressor.program.handle import load
+from compressor.sources.data import attach_calibration
 from compressor.pipeline.pass_manager import Pipeline
 from compressor.pipeline.recipe import Recipe, resolve_recipe
 
@@ -18,6 +19,7 @@ def run_recipe(recipe: Recipe, output, *, force: bool = False, instruments=None,
         check_output(Path(output), force)
         resolve_recipe(recipe)  # the manifest records every default that was filled in
         handle = load(recipe.source, **recipe.export)
+        attach_calibration(handle, recipe.data)  # every calibrating pass reads [data] calibration through it
         if handle.adapter.modality == "audio":
             from compressor.export.speech import compile_speech_handle
 
