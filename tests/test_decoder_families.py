@@ -400,7 +400,7 @@ def test_gguf_source_converts_once_and_records_the_file(folders, tmp_path, monke
     the file and its hash; a file transformers cannot read, or an ambiguous folder, is one line."""
     from transformers import AutoModelForCausalLM
 
-    from compressor.sources.source import sha256_file
+    from compressor.runtime.artifact import sha256_of
 
     source = make_model("qwen2", tmp_path / "source", vocab=2048)  # a small vocabulary: GGUF metadata parses slowly
     monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
@@ -409,7 +409,7 @@ def test_gguf_source_converts_once_and_records_the_file(folders, tmp_path, monke
     handle = load(str(path))
     info = handle.source.to_json()
     assert info["model_type"] == "qwen2" and info["weights_file"] == "model.safetensors"
-    assert info["converted_from"] == {"gguf_file": "tiny-qwen2.gguf", "gguf_sha256": sha256_file(path)}
+    assert info["converted_from"] == {"gguf_file": "tiny-qwen2.gguf", "gguf_sha256": sha256_of(path)}
     assert Path(info["folder"]).parent == tmp_path / "cache" / "gguf"
     ids = ids_of(12) % 2048
     original = AutoModelForCausalLM.from_pretrained(str(source)).eval()

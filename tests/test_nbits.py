@@ -267,14 +267,14 @@ def test_source_gguf_follows_the_record_and_the_example_cache(tmp_path, monkeypa
     import json
 
     from compressor.sources import gguf as gguf_source
-    from compressor.sources.source import sha256_file
+    from compressor.runtime.artifact import sha256_of
 
     monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
     model = tmp_path / "model.gguf"
     model.write_bytes(b"GGUF" + bytes(60))
     folder = tmp_path / "converted"
     folder.mkdir()
-    record = {"gguf_file": model.name, "gguf_sha256": sha256_file(model)}
+    record = {"gguf_file": model.name, "gguf_sha256": sha256_of(model)}
     (folder / gguf_source.RECORD).write_text(json.dumps(record))  # converted before paths were recorded
     assert gguf_source.source_gguf(folder) is None
     gguf_source._record_path(folder, model)  # what converted_folder does when it finds the conversion cached

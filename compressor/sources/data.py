@@ -23,6 +23,7 @@ import numpy as np
 
 from compressor.sources.cache import cache_dir, extract_members, fetch_wheel
 from compressor.errors import UsageError
+from compressor.runtime.artifact import sha256_of
 
 GENSIM = "gensim==4.4.0"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -137,14 +138,6 @@ def image_split(part: str, count: int, size=None) -> list:
     return photos.calibration_crops(count, seed=PROBE_SEED, size=size)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclass(frozen=True)
 class CalibrationData:
     """A user's calibration data: a text file (lines or paragraphs) or a folder of images, fingerprinted."""
@@ -199,10 +192,10 @@ def calibration_data(data: dict | None, modality: str) -> CalibrationData | None
         files = image_files(p, "[data] calibration")
         h = hashlib.sha256()
         for f in files:
-            h.update(f"{f.name}\0{_sha256_file(f)}\n".encode())
+            h.update(f"{f.name}\0{sha256_of(f)}\n".encode())
         return CalibrationData(str(p), "images", "images", len(files), h.hexdigest())
     samples, unit = read_text_samples(p, "[data] calibration")
-    return CalibrationData(str(p), "text", unit, len(samples), _sha256_file(p))
+    return CalibrationData(str(p), "text", unit, len(samples), sha256_of(p))
 
 
 def calibration_requests(passes, modality: str) -> list[tuple[str, str, int]]:
@@ -256,11 +249,11 @@ def check_held_apart(cal: CalibrationData, validation: str | None) -> None:
     if v == Path(cal.path) or (v.exists() and Path(cal.path).exists() and v.resolve() == Path(cal.path).resolve()):
         raise UsageError(f"{same} name the same data ('{validation}'): validation must be held out from calibration; "
                          f"split it (e.g. 80/20), or drop one of them to use the built-in set")
-    if cal.kind == "text" and v.is_file() and _sha256_file(v) == cal.sha256:
+    if cal.kind == "text" and v.is_file() and sha256_of(v) == cal.sha256:
         raise UsageError(f"{same} are the same text ('{validation}' and '{cal.path}'): validation must be held out "
                          f"from calibration; split it")
     if cal.kind == "images" and v.is_dir():
-        shared = {_sha256_file(f) for f in image_files(cal.path)} & {_sha256_file(f) for f in image_files(v)}
+        shared = {sha256_of(f) for f in image_files(cal.path)} & {sha256_of(f) for f in image_files(v)}
         if shared:
             raise UsageError(f"{same} share {len(shared)} image(s) ('{cal.path}', '{validation}'): validation must "
                              f"be held out from calibration; remove them from one folder")

@@ -34,10 +34,10 @@ def gguf_file(path: Path, spec: str) -> Path | None:
 
 def converted_folder(path: Path, spec: str) -> Path:
     """The cached transformers folder dequantised from this GGUF file (converted on first use)."""
-    from compressor.sources.source import sha256_file
+    from compressor.runtime.artifact import sha256_of
 
     check_gguf(path, spec)
-    sha = sha256_file(path)
+    sha = sha256_of(path)
     dest = cache_dir() / "gguf" / sha[:16]
     if dest.exists():
         _record_path(dest, path)
@@ -161,6 +161,6 @@ def source_gguf(folder: Path) -> Path | None:
     path = Path(record["gguf_path"])
     if not path.is_file():
         return None
-    from compressor.sources.source import sha256_file
+    from compressor.runtime.artifact import sha256_of
 
-    return path if sha256_file(path) == record.get("gguf_sha256") else None
+    return path if sha256_of(path) == record.get("gguf_sha256") else None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 from compressor.models import ModelAdapter, adapter_for, supported_model_types
 
 from compressor.errors import UsageError
+from compressor.runtime.artifact import sha256_of
 from compressor.sources.examples import EXAMPLES, example_folder
 from compressor.sources.checkpoint import check_loading_info, check_weights_file, load_failure
 from compressor.sources.gguf import conversion_record, converted_folder, gguf_file
@@ -47,14 +47,6 @@ def resolve_folder(spec: str) -> Path:
     if not path.is_dir() or not (path / "config.json").exists():
         raise UsageError(f"'{spec}' is not a Hugging Face model folder: no config.json inside")
     return path
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_model_type(folder: Path, spec: str) -> str:
@@ -126,5 +118,5 @@ def load_source(spec: str) -> tuple[ModelAdapter, SourceInfo]:
     for p in model.parameters():
         p.requires_grad_(False)
     adapter = adapter_cls(model, folder)
-    info = SourceInfo(spec, str(folder.resolve()), model_type, weights.name, sha256_file(weights), conversion_record(folder))
+    info = SourceInfo(spec, str(folder.resolve()), model_type, weights.name, sha256_of(weights), conversion_record(folder))
     return adapter, info
