@@ -25,7 +25,7 @@ from compressor.errors import UsageError
 from compressor.pipeline.pass_base import Pass, PassResult, register
 
 from .pruning.budget import block_cost, resolve_budget
-from .pruning.calibration import calibration_batches, output_loss, walk
+from .pruning.calibration import calibration_batches, calibration_description, output_loss, walk
 
 METRICS = ("block_influence", "angular", "greedy", "depth")
 
@@ -38,7 +38,7 @@ class LayerPruneConfig:
     metric: str = field(default="block_influence", metadata={"help": "block_influence (ShortGPT), angular (Gromov et al.: a contiguous run), greedy (SLEB: calibration loss, re-scored after each removal), or depth (the deepest blocks: a baseline without data)"})
     keep_first: bool = field(default=True, metadata={"help": "never remove the first block"})
     keep_last: bool = field(default=True, metadata={"help": "never remove the last block"})
-    calibration_samples: int = field(default=32, metadata={"help": "calibration inputs: Wikipedia calibration windows (language models) or paragraphs (text encoders), Fashion-MNIST training images (vision)"})
+    calibration_samples: int = field(default=32, metadata={"help": "calibration inputs: Wikipedia calibration windows (language models) or paragraphs (text encoders), random crops of the built-in calibration photographs (vision), or drawn from [data] calibration when given; none with metric = depth"})
     calibration_len: int = field(default=256, metadata={"help": "tokens per calibration window (language models)"})
     seed: int = field(default=42, metadata={"help": "seed for the calibration windows or paragraphs"})
     batch: int = field(default=8, metadata={"help": "calibration inputs per forward pass"})
@@ -104,6 +104,8 @@ class LayerPrune(Pass):
                                  f"{budget.keep}; ask for more, or combine with width_prune or slicegpt")
         batches = [] if cfg.metric == "depth" else calibration_batches(handle, cfg.calibration_samples, cfg.batch, cfg.calibration_len, cfg.seed)
         info: dict = {"metric": cfg.metric}
+        if cfg.metric != "depth":  # depth reads no data
+            info["calibration"] = calibration_description(handle)
         with torch.no_grad():
             if cfg.metric == "depth":
                 removed = _cheapest(sorted(candidates, reverse=True), costs, need)

@@ -29,7 +29,7 @@ from compressor.models.base import head_rows
 from compressor.pipeline.pass_base import Pass, PassResult, register
 
 from .pruning.budget import Budget, channel_cost, head_cost, resolve_budget
-from .pruning.calibration import calibration_batches
+from .pruning.calibration import calibration_batches, calibration_description
 from .pruning.compensate import compensated, set_projection
 from .pruning.importance import calibrate, channel_scores, head_scores
 from .pruning.latency import LatencyModel
@@ -141,7 +141,7 @@ class WidthPrune(Pass):
             "heads_per_layer": [l.heads for l in ad.layers], "kv_heads_per_layer": [l.kv_heads for l in ad.layers],
             "channels_per_layer": [l.channels for l in ad.layers],
             "kept_heads": plan["heads"], "kept_channels_count": [len(k) for k in plan["channels"]],
-            "calibration_samples": cfg.calibration_samples,
+            "calibration_samples": cfg.calibration_samples, "calibration": calibration_description(handle),
             "scoring_seconds": round(scoring, 2), "seconds": round(time.perf_counter() - start, 2),
             "transformers_loadable": ad.transformers_loadable,
         })

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from compressor.errors import UsageError
-from compressor.passes import Distill, LayerPrune, SliceGPT
+from compressor.passes import Distill, LayerPrune, LearnedRates, SliceGPT, WidthPrune
 from compressor.pipeline.recipe import load_recipe, resolve_recipe
 from compressor.program.handle import load
 from compressor.sources import data, photos
@@ -109,6 +109,20 @@ def test_user_text_drives_layer_prune_and_distill(minilm, news, code):
     assert calibration_description(handle) == f"48 lines from {news} (sha256 {sha(news)[:12]})"
     with pytest.raises(UsageError, match="distill: .* holds 48 lines; samples \\+ eval_samples asks for 64"):
         run_pass(Distill(steps=2, batch=2, samples=60, eval_samples=4), handle)
+
+
+def test_pruning_and_learned_rates_records_name_their_calibration_data(minilm, news):
+    """width_prune, layer_prune and learned_rates name what they calibrated on in their records (the manifest's
+    `passes[i].info.calibration`), as slicegpt and distill do: the user's file with its hash, or the built-in set;
+    layer_prune's depth metric reads no data and names none."""
+    builtin = calibration_description(fresh(minilm))
+    assert builtin.startswith("Wikipedia calibration paragraphs")
+    for path, expected in ((news, f"48 lines from {news} (sha256 {sha(news)[:12]})"), (None, builtin)):
+        for p in (WidthPrune(flops=0.9, importance="activation", calibration_samples=8, batch=4),
+                  LayerPrune(blocks=1, calibration_samples=8, batch=4),
+                  LearnedRates(flops=0.7, steps=1, batch=4, calibration_samples=8, exchanges=0)):
+            assert run_pass(p, fresh(minilm, path))["calibration"] == expected, p.name
+    assert "calibration" not in run_pass(LayerPrune(blocks=1, metric="depth"), fresh(minilm, news))
 
 
 def test_user_text_becomes_token_windows_for_language_models(minilm, code):

@@ -29,11 +29,13 @@ def length_distributions(manifest: dict, samples: int) -> dict[str, tuple[str, l
     """name -> (what the data is, raw samples), `samples` rounded up to whole batches."""
     from compressor.sources import data
     from compressor.sources.inputs import wiki_windows
+    from compressor.sources.photos import VALIDATION_DESCRIPTION
 
     b = manifest["shapes"]["batch"]
     n = -(-samples // b) * b
     if manifest["preprocess"]["kind"] != "text":
-        return {"images": (f"Fashion-MNIST test images at {manifest['shapes']['image_size']}", data.image_split("validation", n))}
+        return {"images": (f"{VALIDATION_DESCRIPTION}, resized to {manifest['shapes']['image_size']}",
+                           data.image_split("validation", n))}
     seq = manifest["shapes"]["seq_len"]
     docs = data.lee_documents()
     return {

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from compressor.sources.inputs import feed_batches
+from compressor.sources.photos import VALIDATION_DESCRIPTION
 
 
 @dataclass
@@ -64,7 +65,7 @@ def validate(handle, session, cfg: ValidationConfig, source: str | None = None, 
     result = {
         "samples": int(len(ref)),
         "data": source or ("held-out Wikipedia passages filling the compiled length" if handle.adapter.modality == "text"
-                           else "builtin held-out split"),
+                           else VALIDATION_DESCRIPTION),
         "graph": "shipped, quantized (ONNX/PyTorch agreement on its FP32 graph)" if lowered is not None else "shipped",
         "cosine_to_dense_mean": float(to_dense.mean()),
         "cosine_to_dense_p5": float(np.percentile(to_dense, 5)),

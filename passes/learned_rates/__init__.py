@@ -31,6 +31,7 @@ from compressor.pipeline.pass_base import Pass, PassResult, register
 from compressor.pipeline.progress import track
 from compressor.program.encoder import TokenPlan
 from compressor.program.token_cost import TokenFlops, hard_counts
+from compressor.sources.inputs import calibration_description
 
 from .calibration import calibration, calibration_split, distill_loss, pooled_score
 from .exchange import TokenSchedule, exchange, valid
@@ -54,7 +55,7 @@ class LearnedRatesConfig:
     merge: bool = field(default=True, metadata={"help": "learn merging counts (ToMe bipartite matching)"})
     steps: int = field(default=60, metadata={"help": "optimizer steps on the rates (weights stay frozen)"})
     batch: int = field(default=4, metadata={"help": "calibration inputs per step"})
-    calibration_samples: int = field(default=240, metadata={"help": "calibration inputs the steps cycle through (Wikipedia paragraphs cut to random lengths, or Fashion-MNIST training images from index 5000)"})
+    calibration_samples: int = field(default=240, metadata={"help": "calibration inputs the steps cycle through: text encoders, Wikipedia calibration paragraphs cut to random lengths; vision encoders, random crops of the built-in calibration photographs; or samples of [data] calibration when given (texts cut the same way)"})
     lr: float = field(default=0.1, metadata={"help": "Adam learning rate of the rate logits"})
     exchanges: int = field(default=60, metadata={"help": "trades between blocks tried after the gradient search (exchange.py), each scored on the compiled program; 0: none"})
     exchange_samples: int = field(default=128, metadata={"help": "calibration inputs the exchanges are scored on (outside the up to 64 held out for the final choice)"})
@@ -206,6 +207,7 @@ class LearnedRates(Pass):
             "loss_first": sum(t[0] for t in trace[:head]) / head,
             "loss_last": sum(t[0] for t in trace[-head:]) / head,
             "steps": cfg.steps,
+            "calibration": calibration_description(handle),
             "search_seconds": round(search_seconds, 1),
             "device": f"cpu ({torch.get_num_threads()} threads)",
         })

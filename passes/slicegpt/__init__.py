@@ -33,7 +33,7 @@ class SliceGPTConfig:
     sparsity: float = field(default=0.25, metadata={"help": "fraction of the residual width to delete (0 = fold norms only)"})
     mode: str = field(default="portable", metadata={"help": "portable: one shared rotation, a standard smaller model; per_layer: the paper's rotation per boundary with shortcut matrices"})
     slice_head: bool = field(default=False, metadata={"help": "per_layer: also slice the last boundary, the LM head's (DINOv2: the final norm's) input (portable always does)"})
-    calibration_samples: int = field(default=128, metadata={"help": "calibration windows from the Wikipedia calibration articles (DINOv2: Fashion-MNIST training images)"})
+    calibration_samples: int = field(default=128, metadata={"help": "calibration inputs: windows of calibration_len tokens from the Wikipedia calibration articles (language models), random crops of the built-in calibration photographs (DINOv2), or drawn from [data] calibration when given"})
     calibration_len: int = field(default=512, metadata={"help": "tokens per calibration window (language models)"})
     seed: int = field(default=42, metadata={"help": "seed for the calibration window offsets (language models)"})
     round_to: int = field(default=8, metadata={"help": "sliced width is rounded down to a multiple of this"})
