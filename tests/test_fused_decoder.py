@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from compressor.errors import UsageError
-from compressor.export.decoder_deploy import WeightPlan, rounded_zero_points
+from compressor.export.decoder_deploy import WeightPlan, lowering_options, rounded_zero_points
 from compressor.export.lower_decoder import LoweringOptions, fused_refusal, lower_decoder
 from compressor.export.optimize import export_options
 from compressor.program.decoder import DecoderProgram, prefill_inputs
@@ -136,6 +136,10 @@ def test_requantized_weights_and_refusals(small, tmp_path):
     ({"lowering": "fused", "quantize": "int8-dynamic"}, "use weights ="),
     ({"gguf": "maybe"}, "gguf must be one of"),
     ({"keep_fp32": "lm_head"}, "keep_fp32 must be a list"),
+    ({"minimums": "int4"}, "minimums must be one of"),
+    ({"head_topk": -1}, "head_topk must be an integer"),
+    ({"head_topk": 64}, "head_topk shapes 4/8-bit weights"),
+    ({"weights": "int4", "lowering": "generic", "head_topk": 64}, "applies to the fused lowering"),
 ])
 def test_export_options_are_one_line(raw, message):
     with pytest.raises(UsageError, match=message) as e:
@@ -160,6 +164,30 @@ def test_smollm2_gguf_codes_make_an_exact_4bit_graph(tmp_path):
     rounded = rounded_zero_points(exact.carried["layers.0.q_proj"])
     assert rounded.zero_points.dtype == np.uint8
     assert not np.allclose(rounded.dequantize(), exact.carried["layers.0.q_proj"].dequantize(), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_smollm2_fast_minimums_and_topk_head_keep_the_exact_logits_that_matter(tmp_path):
+    """minimums = "int8" (Q4_1 minimums as 4-bit digits inside the kernel) and head_topk (a 4-bit draft head, each
+    position's top k recomputed from the Q8_0 codes): greedy tokens are the dequantized model's, and the likeliest
+    logits stay within the minimums' rounding of it (measured: 0.34 at most, logits up to 32) where the draft ranked
+    them in its top k."""
+    ad, _ = load_source("example:smollm2")
+    options = export_options({"weights": "int4", "minimums": "int8", "head_topk": 64})
+    plan = WeightPlan(Handle(ad), options)
+    info = lower_decoder(ad, tmp_path / "fast.onnx", lowering_options(options, plan))
+    assert "Add" not in info["ops"] and info["ops"]["Concat"] == 4 * len(ad.layers)  # [x, block sums] per input
+    assert info["ops"]["TopK"] == 1 and info["ops"]["GatherBlockQuantized"] == 2  # embedding + top-k rows
+    ids = np.random.default_rng(3).integers(0, ad.config.vocab_size, (1, 24))
+    ref = torch_logits(ad, ids)[0]
+    got = graph_logits(session(tmp_path / "fast.onnx"), ids)[0]
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
+    top = np.argsort(-ref, axis=-1)[:, :8]  # the likeliest tokens: refined, off only by the minimums' digits
+    rows = np.arange(len(ids[0]))[:, None]
+    close = np.abs(got[rows, top] - ref[rows, top]) < 0.02 * np.abs(ref).max()
+    assert close.mean() >= 0.95, close.mean()  # the rest: a likely token the 4-bit draft ranked below its top 64
+    draft = np.argsort(-got, axis=-1)[:, 64:]  # the tail keeps the 4-bit draft's values: further off, but there
+    assert np.median(np.abs(got[rows, draft] - ref[rows, draft])) > np.median(np.abs(got[rows, top] - ref[rows, top]))
 
 
 @pytest.mark.slow

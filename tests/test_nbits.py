@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 
 from compressor.errors import UsageError
-from compressor.export.nbits import NBitsWeight, matmul_nbits_node, pack_codes, pack_zero_points, quantize_weight
+from compressor.export.nbits import NBitsWeight, pack_codes, pack_zero_points, quantize_weight
+from compressor.export.nbits_graph import matmul_nbits_node
 
 
-def run_nbits(weight: NBitsWeight, x: np.ndarray, accuracy_level: int = 0, float_zero_points: str = "split") -> np.ndarray:
+def run_nbits(weight: NBitsWeight, x: np.ndarray, accuracy_level: int = 0, minimums: str = "fp32") -> np.ndarray:
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    nodes, inits, out = matmul_nbits_node("x", weight, "w", accuracy_level, float_zero_points=float_zero_points)
+    nodes, inits, out = matmul_nbits_node("x", weight, "w", accuracy_level, minimums=minimums)
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, weight.k])],
                               [helper.make_tensor_value_info(out, TensorProto.FLOAT, [None, weight.n])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
@@ -25,10 +26,10 @@ def run_nbits(weight: NBitsWeight, x: np.ndarray, accuracy_level: int = 0, float
     return session.run(None, {"x": x})[0]
 
 
-def assert_runs_as(weight: NBitsWeight, w: np.ndarray, rtol: float = 1e-5, float_zero_points: str = "split") -> None:
+def assert_runs_as(weight: NBitsWeight, w: np.ndarray, rtol: float = 1e-5, minimums: str = "fp32") -> None:
     """onnxruntime's MatMulNBits output equals x @ w.T to float rounding."""
     x = np.random.default_rng(0).standard_normal((3, weight.k)).astype(np.float32)
-    got = run_nbits(weight, x, float_zero_points=float_zero_points)
+    got = run_nbits(weight, x, minimums=minimums)
     ref = x.astype(np.float64) @ w.astype(np.float64).T
     assert np.abs(got - ref).max() <= rtol * np.abs(ref).max(), (weight.origin, np.abs(got - ref).max(), np.abs(ref).max())
 
@@ -53,7 +54,7 @@ def test_semantics_match_onnxruntime(bits, zp_kind, block_size):
     assert_runs_as(weight, weight.dequantize())
     if zp_kind == "float":  # also passed to the kernel as is (the default lowering splits them off)
         if bits == 4:
-            assert_runs_as(weight, weight.dequantize(), float_zero_points="native")
+            assert_runs_as(weight, weight.dequantize(), minimums="native")
 
 
 def test_8bit_float_zero_points_run_split_though_the_cpu_kernel_refuses_them():
@@ -61,7 +62,7 @@ def test_8bit_float_zero_points_run_split_though_the_cpu_kernel_refuses_them():
     weight = NBitsWeight(8, 32, 8, 64, pack_codes(rng.integers(0, 256, (8, 64)), 8, 32), np.ones(16, np.float32),
                          np.full(16, 3.5, np.float32), "test")
     with pytest.raises(Exception, match="8-bit weights with floating-point zero points"):
-        run_nbits(weight, np.ones((1, 64), np.float32), float_zero_points="native")
+        run_nbits(weight, np.ones((1, 64), np.float32), minimums="native")
     assert_runs_as(weight, weight.dequantize())
 
 
@@ -176,23 +177,27 @@ def test_gguf_header_reader_agrees_with_gguf_py(tmp_path):
     np.testing.assert_array_equal(carried["a.q"].dequantize(), named["a.q"])
 
 
-def test_split_lowering_takes_batched_inputs_and_bias():
+@pytest.mark.parametrize("minimums,ops,rtol", [("fp32", ["MatMul", "MatMulNBits", "MatMul", "Add"], 1e-5),
+                                                ("int8", ["MatMulNBits", "Concat", "MatMulNBits"], 1e-2)])
+def test_split_lowering_takes_batched_inputs_and_bias(minimums, ops, rtol):
+    """Float zero points (HQQ here) run as the symmetric kernel plus the block minimums' term: exactly (fp32) or as
+    two 4-bit digits inside the kernel (int8); any rank of x, with a bias."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     rng = np.random.default_rng(4)
     n, k = 40, 128
     weight = quantize_weight(rng.standard_normal((n, k)).astype(np.float32), 4, 32, symmetric=False, method="hqq")
     bias = rng.standard_normal(n).astype(np.float32)
-    nodes, inits, out = matmul_nbits_node("x", weight, "w", bias_name="bias")
-    assert [node.op_type for node in nodes] == ["MatMulNBits", "MatMul", "MatMul", "Add"]
+    nodes, inits, out = matmul_nbits_node("x", weight, "w", bias=bias, minimums=minimums)
+    assert sorted(node.op_type for node in nodes) == sorted(ops)
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", k])],
-                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["b", "s", n])],
-                              inits + [numpy_helper.from_array(bias, "bias")])
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["b", "s", n])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     x = rng.standard_normal((2, 3, k)).astype(np.float32)
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    np.testing.assert_allclose(got, x @ weight.dequantize().T + bias, rtol=1e-4, atol=1e-4)
+    ref = x @ weight.dequantize().T + bias
+    assert np.abs(got - ref).max() <= rtol * np.abs(ref).max(), (minimums, np.abs(got - ref).max(), np.abs(ref).max())
 
 
 # --- the example checkpoints ---------------------------------------------------------------------------------

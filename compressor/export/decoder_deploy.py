@@ -188,6 +188,15 @@ def mark_fused(manifest: dict, options: ExportOptions) -> None:
 PREFILL_CHUNK = 256  # prompt tokens fed per call when prefilling long prompts
 
 
+def lowering_options(options: ExportOptions, plan: WeightPlan) -> LoweringOptions:
+    """The quantized graph's lowering: the plan's weights, the [export] speed options (minimums, head_topk)."""
+    def head_draft(head: NBitsWeight) -> NBitsWeight:  # 4-bit draft of the head, from the values it ships
+        return quantize_weight(head.dequantize(), 4, options.block_size, True, "rtn")
+
+    return LoweringOptions(options.max_length, weights=plan, accuracy_level=options.accuracy_level,
+                           minimums=options.minimums, head_topk=options.head_topk, head_draft=head_draft)
+
+
 def deploy_fused_decoder(handle, model_path: Path, options: ExportOptions, step) -> tuple[dict, Path | None]:
     """Write the fused graph to model_path (with 4/8-bit weights if asked); returns the manifest's export record and
     the FP32 graph's path when the shipped graph was quantized (for validation; the caller removes it)."""
@@ -199,8 +208,7 @@ def deploy_fused_decoder(handle, model_path: Path, options: ExportOptions, step)
     record = {"options": options.to_json(), "lowering": lower_decoder(ad, fp32_path, LoweringOptions(options.max_length))}
     if quantized:
         step(f"{options.weights} weights (MatMulNBits)")
-        record["lowering"] = lower_decoder(ad, model_path, LoweringOptions(options.max_length, weights=plan,
-                                                                        accuracy_level=options.accuracy_level))
+        record["lowering"] = lower_decoder(ad, model_path, lowering_options(options, plan))
         record["weights"] = plan.record()
     record["validated_graph"] = "fused" + (f", {options.weights} weights" if quantized else "")
     record["genai"] = write_genai_config(ad, model_path.parent, options, model_path.name)

@@ -16,19 +16,20 @@ runtime binds one preallocated (B, kv_i, max_length, head_dim) buffer as both pa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from compressor.export.nbits import split_zero_points
+from compressor.export.graph_builder import MS, GraphBuilder
+from compressor.export.nbits import NBitsWeight
+from compressor.export.nbits_graph import emit_matmul_nbits
 
 OPSET = 21
-MS = "com.microsoft"
 EXTERNAL_DATA_ABOVE = 1 << 30  # bytes of weights above which they go to model.onnx.data (protobuf caps at 2 GB)
 
 
@@ -48,24 +49,6 @@ def rms_norm_params(norm: torch.nn.Module) -> tuple[np.ndarray, float]:
 
 
 @dataclass
-class GraphBuilder:
-    nodes: list = field(default_factory=list)
-    inits: list = field(default_factory=list)
-    names: set = field(default_factory=set)
-
-    def init(self, name: str, array: np.ndarray) -> str:
-        assert name not in self.names, name
-        self.names.add(name)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "", **attrs):
-        outs = [f"{name}/out{i}" for i in range(outputs)] if isinstance(outputs, int) else outputs
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain, **attrs))
-        return outs[0] if len(outs) == 1 else outs
-
-
-@dataclass
 class LoweringOptions:
     """What the lowering emits. `weights(name, W)` returns an NBitsWeight for a linear to run as MatMulNBits, or None
     to keep it as an FP32 MatMul; `max_length` bounds positions (the rotary tables' rows, the KV buffers)."""
@@ -74,6 +57,12 @@ class LoweringOptions:
     weights: Callable | None = None
     accuracy_level: int = 0
     pack_qkv: bool = True
+    # float block minimums (GGUF Q4_1 / Q4_K), see nbits_graph.py: "fp32" side matmul (exact) or "int8" digits
+    minimums: str = "fp32"
+    # > 0: the head runs as `head_draft(W)` (a 4-bit NBitsWeight) for every logit, and the top head_topk logits of
+    # each position are recomputed from the head's own weights (exact where they matter: argmax, softmax mass)
+    head_topk: int = 0
+    head_draft: Callable | None = None
 
 
 def linear(g: GraphBuilder, x: str, name: str, parts: list[tuple[np.ndarray, np.ndarray | None]],
@@ -83,40 +72,13 @@ def linear(g: GraphBuilder, x: str, name: str, parts: list[tuple[np.ndarray, np.
     bias = stacked_bias(parts)
     if nbits is None and opts.weights is not None:
         nbits = opts.weights(name, [w for w, _ in parts])
-    offsets = None
-    if nbits is not None and nbits.zero_points is not None and nbits.zero_points.dtype != np.uint8:
-        nbits, offsets = split_zero_points(nbits)  # float zero points: the kernels' slow path; split them off
     if nbits is None:
         weight = stacked_weight(parts)  # stacked only where it ships as FP32
         y = g.op("MatMul", [x, g.init(f"{name}.weight_t", weight.T)], f"{name}/MatMul")
         if bias is not None:
             y = g.op("Add", [y, g.init(f"{name}.bias", bias)], f"{name}/Add")
         return y
-    inputs = [x, g.init(f"{name}.qweight", nbits.packed), g.init(f"{name}.scales", nbits.scales)]
-    inputs.append(g.init(f"{name}.zero_points", nbits.zero_points) if nbits.zero_points is not None else "")
-    if bias is not None:
-        inputs += ["", g.init(f"{name}.bias", bias)]  # g_idx unused
-    while inputs and inputs[-1] == "":
-        inputs.pop()
-    y = g.op("MatMulNBits", inputs, f"{name}/MatMulNBits", domain=MS, K=nbits.k, N=nbits.n, bits=nbits.bits,
-             block_size=nbits.block_size, accuracy_level=opts.accuracy_level)
-    if offsets is not None:
-        y = g.op("Add", [y, block_offsets(g, x, name, nbits, offsets)], f"{name}/AddOffsets")
-    return y
-
-
-def block_offsets(g: GraphBuilder, x: str, name: str, nbits, offsets: np.ndarray) -> str:
-    """The affine part of blocks stored as w = (q - 2^(bits-1)) * s + c (GGUF Q4_1 / Q4_K: a float minimum per
-    block): x's sum over each block times c, as a small FP32 matmul (k / block_size inputs). onnxruntime's fast
-    MatMulNBits kernels take integer zero points only (float ones fall back to a path 10-200x slower), so the float
-    part is computed beside the kernel instead, exactly."""
-    blocks = nbits.k // nbits.block_size
-    shaped = g.op("Reshape", [x, g.init(f"{name}.block_shape", np.array([0, 0, blocks, nbits.block_size], np.int64))],
-                  f"{name}/Blocks")
-    sums = g.op("ReduceSum", [shaped, g.init(f"{name}.block_axis", np.array([-1], np.int64))], f"{name}/BlockSum",
-                keepdims=0)
-    return g.op("MatMul", [sums, g.init(f"{name}.offsets_t", np.ascontiguousarray(offsets.reshape(nbits.n, blocks).T))],
-                f"{name}/Offsets")
+    return emit_matmul_nbits(g, x, name, nbits, opts.accuracy_level, bias, opts.minimums)
 
 
 def module_weights(lin: torch.nn.Linear) -> tuple[np.ndarray, np.ndarray | None]:
@@ -205,7 +167,13 @@ def lower_decoder(ad, path: Path, opts: LoweringOptions | None = None) -> dict:
     head = module_weights(ad.lm_head)
     head_nbits = opts.weights("lm_head", [head[0]]) if opts.weights is not None else None
     tied = ad.lm_head.weight is ad.embed_tokens.weight
-    if tied and head_nbits is not None and (head_nbits.zero_points is None or head_nbits.zero_points.dtype == np.uint8):
+    gatherable = head_nbits is not None and (head_nbits.zero_points is None or head_nbits.zero_points.dtype == np.uint8)
+    if opts.head_topk and gatherable:  # the head's codes are read by gathers only (embedding, top-k rows)
+        g.init("lm_head.qweight", head_nbits.packed)
+        g.init("lm_head.scales", head_nbits.scales)
+        if head_nbits.zero_points is not None:
+            g.init("lm_head.zero_points", head_nbits.zero_points)
+    if tied and gatherable:
         x = quantized_embedding(g, head_nbits)  # the head's own codes: one copy of the table, not two
     else:
         x = g.op("Gather", [g.init("embed_tokens.weight", to_numpy(ad.embed_tokens.weight)), "input_ids"],
@@ -245,7 +213,10 @@ def lower_decoder(ad, path: Path, opts: LoweringOptions | None = None) -> dict:
         if post is not None:
             pending = simple_norm(g, pending, post, f"{p}.post_mlp_norm")
     h, _ = residual_norm(g, x, pending, ad.final_norm_module, "final_norm", None, None, keep_sum=False)
-    logits = linear(g, h, "lm_head", [head], opts, nbits=head_nbits)
+    if opts.head_topk and gatherable:
+        logits = topk_head(g, h, head_nbits, opts)
+    else:
+        logits = linear(g, h, "lm_head", [head], opts, nbits=head_nbits)
     cap = getattr(ad.config, "final_logit_softcapping", None) if ad.family == "gemma3" else None
     if cap:
         c = g.init("softcap", np.array(float(cap), np.float32))
@@ -259,23 +230,55 @@ def lower_decoder(ad, path: Path, opts: LoweringOptions | None = None) -> dict:
     ops = {}
     for node in g.nodes:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    return {"lowering": "fused", "ops": ops, "max_length": opts.max_length, "num_layers": n, "width": width}
+    out = {"lowering": "fused", "ops": ops, "max_length": opts.max_length, "num_layers": n, "width": width}
+    if opts.head_topk:
+        out["head_topk"] = opts.head_topk if gatherable else (
+            "not applied: the head ships as FP32 or with float zero points, which GatherBlockQuantized cannot read")
+    return out
+
+
+def topk_head(g: GraphBuilder, h: str, head: NBitsWeight, opts: LoweringOptions) -> str:
+    """Logits from a 4-bit draft of the head, with each position's top k recomputed from the head's own codes.
+
+    The head is the largest single matmul of a small model (SmolLM2: 576 x 49152, 1.4 ms per token at 8 bits, 0.7
+    at 4). The draft ranks the vocabulary; the k best rows are gathered at full precision (GatherBlockQuantized over
+    the head's table, the one the embedding reads) and dotted with the hidden state in FP32, then written over the
+    draft's values. Greedy tokens and the softmax mass come from exact logits; only the tail keeps the draft's."""
+    draft = opts.head_draft(head)
+    approx = emit_matmul_nbits(g, h, "lm_head_draft", draft, opts.accuracy_level)
+    _, idx = g.op("TopK", [approx, g.init("lm_head.topk", np.array([opts.head_topk], np.int64))], "lm_head/TopK",
+                  outputs=["lm_head/top_values", "lm_head/top_ids"], axis=-1)
+    rows = gather_rows(g, head, idx, "lm_head/Rows")  # (B, S, k, D)
+    hx = g.op("Unsqueeze", [h, g.init("lm_head.row_axis", np.array([2], np.int64))], "lm_head/Unsqueeze")
+    exact = g.op("ReduceSum", [g.op("Mul", [rows, hx], "lm_head/RowMul"), g.init("lm_head.dot_axis", np.array([-1], np.int64))],
+                 "lm_head/Dot", keepdims=0)
+    return g.op("ScatterElements", [approx, idx, exact], "lm_head/Refine", axis=-1)
+
+
+def gather_rows(g: GraphBuilder, nbits: NBitsWeight, ids: str, name: str) -> str:
+    """Rows `ids` of the head's table, dequantized: GatherBlockQuantized over lm_head.qweight / scales / zero
+    points, reshaped to (n, k) codes and (n, k_blocks) scales (shared with quantized_embedding)."""
+    if "table" not in g.memo:
+        data = g.op("Reshape", ["lm_head.qweight", g.init("embed.data_shape", np.array([nbits.n, -1], np.int64))],
+                    "embed/DataShape")
+        scales = g.op("Reshape", ["lm_head.scales", g.init("embed.scale_shape", np.array([nbits.n, -1], np.int64))],
+                      "embed/ScaleShape")
+        zp = None
+        if nbits.zero_points is None and nbits.bits == 8:  # its default zero point for 8 bits is not MatMulNBits' 128
+            zp = g.init("embed.zero_points", np.full((nbits.n, nbits.k_blocks), 128, np.uint8))
+        elif nbits.zero_points is not None:
+            zp = g.op("Reshape", ["lm_head.zero_points", "embed.scale_shape"], "embed/ZeroShape")
+        g.memo["table"] = (data, scales, zp)
+    data, scales, zp = g.memo["table"]
+    inputs = [data, ids, scales] + ([zp] if zp else [])
+    return g.op("GatherBlockQuantized", inputs, name, domain=MS, bits=nbits.bits, block_size=nbits.block_size,
+                gather_axis=0, quantize_axis=1)
 
 
 def quantized_embedding(g: GraphBuilder, nbits) -> str:
     """Token embeddings read from the tied LM head's MatMulNBits codes (GatherBlockQuantized over the same
     initializers, reshaped), as onnxruntime-genai does: the table is stored once, at the head's precision."""
-    data = g.op("Reshape", ["lm_head.qweight", g.init("embed.data_shape", np.array([nbits.n, -1], np.int64))],
-                "embed/DataShape")
-    scales = g.op("Reshape", ["lm_head.scales", g.init("embed.scale_shape", np.array([nbits.n, -1], np.int64))],
-                  "embed/ScaleShape")
-    inputs = [data, "input_ids", scales]
-    if nbits.zero_points is None and nbits.bits == 8:  # its default zero point for 8 bits is not MatMulNBits' 128
-        inputs.append(g.init("embed.zero_points", np.full((nbits.n, nbits.k_blocks), 128, np.uint8)))
-    elif nbits.zero_points is not None:
-        inputs.append(g.op("Reshape", ["lm_head.zero_points", "embed.scale_shape"], "embed/ZeroShape"))
-    return g.op("GatherBlockQuantized", inputs, "embed/GatherBlockQuantized", domain=MS, bits=nbits.bits,
-                block_size=nbits.block_size, gather_axis=0, quantize_axis=1)
+    return gather_rows(g, nbits, "input_ids", "embed/GatherBlockQuantized")
 
 
 def simple_norm(g: GraphBuilder, x: str, norm, name: str) -> str:

@@ -11,8 +11,8 @@ where zp is, when the zero_points input is absent, 2^(bits-1) (8 for 4-bit, 128 
 own type packed like B (4-bit: two blocks per byte, low nibble first, each row padded to ceil(k_blocks / 2) bytes);
 when float (same type as scales), used as is, without rounding (checked against onnxruntime 1.32's CPU kernel by
 tests/test_nbits.py). The CPU kernel refuses 8-bit weights with float zero points, and runs 4-bit ones 8-200x
-slower than the uint8 / default forms, so `matmul_nbits_node` lowers float zero points as a symmetric MatMulNBits
-plus a per-block offset term (exact to float rounding).
+slower than the uint8 / default forms, so the emitter (nbits_graph.py) lowers float zero points as a symmetric
+MatMulNBits plus a per-block offset term.
 
 Speed on onnxruntime 1.32's CPU kernel (x86, decode-shaped x of one row): accuracy_level 4 (int8 activations, ~0.5%
 relative error) is 2.5-20x faster than fp32 MatMul for 4-bit; accuracy_level 0 (fp32 compute, exact) is at best on
@@ -139,47 +139,6 @@ def split_zero_points(weight: NBitsWeight) -> tuple[NBitsWeight, np.ndarray]:
     offsets = ((2.0 ** (weight.bits - 1) - zp) * weight.scales.astype(np.float32).reshape(weight.n, -1)).astype(np.float32)
     sym = NBitsWeight(weight.bits, weight.block_size, weight.n, weight.k, weight.packed, weight.scales, None, weight.origin)
     return sym, offsets
-
-
-def matmul_nbits_node(x_name: str, weight: NBitsWeight, prefix: str, accuracy_level: int = 0, bias_name: str | None = None,
-                      float_zero_points: str = "split"):
-    """(nodes, initializers, output name) computing x @ W.T (+ bias) with a com.microsoft MatMulNBits node.
-
-    A weight with float zero points is lowered, by default (`float_zero_points="split"`), as the symmetric
-    MatMulNBits of its codes plus MatMul(MatMul(x, block indicator (k, k_blocks)), offsets.T) (`split_zero_points`):
-    the same function, on the kernel's fast path. `float_zero_points="native"` passes them to MatMulNBits as is.
-    """
-    from onnx import helper, numpy_helper
-
-    if weight.zero_points is not None and weight.zero_points.dtype != np.uint8 and float_zero_points == "split":
-        sym, offsets = split_zero_points(weight)
-        nodes, inits, main = matmul_nbits_node(x_name, sym, prefix, accuracy_level, bias_name)
-        kb, bs = weight.k_blocks, weight.block_size
-        indicator = np.zeros((weight.k, kb), np.float32)
-        indicator[np.arange(weight.k), np.arange(weight.k) // bs] = 1.0
-        inits += [numpy_helper.from_array(indicator, f"{prefix}.block_sum"), numpy_helper.from_array(np.ascontiguousarray(offsets.T), f"{prefix}.offsets")]
-        nodes += [helper.make_node("MatMul", [x_name, f"{prefix}.block_sum"], [f"{prefix}.x_block_sums"], name=f"{prefix}.BlockSum"),
-                  helper.make_node("MatMul", [f"{prefix}.x_block_sums", f"{prefix}.offsets"], [f"{prefix}.offset_out"], name=f"{prefix}.Offsets"),
-                  helper.make_node("Add", [main, f"{prefix}.offset_out"], [f"{prefix}.out_split"], name=f"{prefix}.AddOffsets")]
-        return nodes, inits, f"{prefix}.out_split"
-    if float_zero_points not in ("split", "native"):
-        raise UsageError(f"float_zero_points must be 'split' or 'native', not '{float_zero_points}'")
-    b = numpy_helper.from_array(np.ascontiguousarray(weight.packed, dtype=np.uint8), f"{prefix}.B")
-    s = numpy_helper.from_array(np.ascontiguousarray(weight.scales, dtype=np.float32), f"{prefix}.scales")
-    inits, inputs = [b, s], [x_name, b.name, s.name]
-    if weight.zero_points is not None:
-        zp = weight.zero_points
-        zp = np.ascontiguousarray(zp, dtype=np.uint8 if zp.dtype == np.uint8 else np.float32)
-        inits.append(numpy_helper.from_array(zp, f"{prefix}.zero_points"))
-        inputs.append(inits[-1].name)
-    if bias_name:
-        inputs += [""] * (5 - len(inputs)) + [bias_name]  # inputs 3 (zero_points) and 4 (g_idx) optional
-    out = f"{prefix}.out"
-    attrs = dict(K=weight.k, N=weight.n, bits=weight.bits, block_size=weight.block_size)
-    if accuracy_level:
-        attrs["accuracy_level"] = accuracy_level
-    node = helper.make_node("MatMulNBits", inputs, [out], name=f"{prefix}.MatMulNBits", domain="com.microsoft", **attrs)
-    return [node], inits, out
 
 
 def quantize_weight(w, bits: int = 4, block_size: int = 32, symmetric: bool = True, method: str = "rtn") -> NBitsWeight:

@@ -20,8 +20,9 @@ LOWERINGS = ("auto", "fused", "generic")
 WEIGHT_MODES = ("fp32", "int4", "int8")
 WEIGHT_METHODS = ("rtn", "hqq")
 GGUF_MODES = ("carry", "round", "exact", "requantize")
+MINIMUM_MODES = ("fp32", "int8")
 DECODER_KEYS = {"lowering", "weights", "block_size", "symmetric", "method", "accuracy_level", "gguf", "keep_fp32",
-                "requantize", "max_length"}
+                "requantize", "max_length", "minimums", "head_topk"}
 OPTIONS_KEYS = {"fuse", "quantize", "per_channel", "buckets"} | DECODER_KEYS
 MIN_BUCKET = 8
 # onnxruntime.transformers.optimizer model types, by our adapters' model_type
@@ -54,6 +55,12 @@ class ExportOptions:
     # small exact side matmul); "round": the same codes with minimums rounded to integer zero points (fastest
     # kernels, not exact); "exact": carry, and refuse if any linear cannot be; "requantize": ignore the codes
     gguf: str = "carry"
+    # how carried float block minimums are computed beside the 4-bit kernel: "fp32" (exact, a side matmul per linear)
+    # or "int8" (inside the kernel as two 4-bit digits; ~8-bit minimums; no decode gain measured on 2 cores)
+    minimums: str = "fp32"
+    # > 0: the head's logits come from a 4-bit draft of it, with each position's top head_topk recomputed from the
+    # head's own (8-bit / carried) codes; 0: the head runs at its own precision
+    head_topk: int = 0
     keep_fp32: list[str] = field(default_factory=list)  # linears kept FP32: "lm_head", "down_proj", "layers.0", ...
     requantize: list[str] = field(default_factory=list)  # linears re-quantized at `weights` even where GGUF codes exist
     max_length: int = 4096  # positions a generation may reach (rotary rows, KV buffer length)
@@ -83,12 +90,19 @@ def export_options(raw: dict | ExportOptions | None, where: str = "[export]") ->
 
 
 def _check_decoder_options(values: dict, where: str) -> None:
-    choices = {"lowering": LOWERINGS, "weights": WEIGHT_MODES, "method": WEIGHT_METHODS, "gguf": GGUF_MODES}
+    choices = {"lowering": LOWERINGS, "weights": WEIGHT_MODES, "method": WEIGHT_METHODS, "gguf": GGUF_MODES,
+               "minimums": MINIMUM_MODES}
     for key, allowed in choices.items():
         if key in values and values[key] not in allowed:
             raise UsageError(f"{where} {key} must be one of {list(allowed)}, got {values[key]!r}")
     if "symmetric" in values and not isinstance(values["symmetric"], bool):
         raise UsageError(f"{where} symmetric must be true or false, got {values['symmetric']!r}")
+    k = values.get("head_topk")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 1024):
+        raise UsageError(f"{where} head_topk must be an integer from 0 (off) to 1024, got {k!r}")
+    if (k or values.get("minimums", "fp32") != "fp32") and values.get("weights", "fp32") == "fp32":
+        raise UsageError(f"{where} {'head_topk' if k else 'minimums'} shapes 4/8-bit weights; add weights = \"int4\" "
+                         "(or \"int8\"), or remove it")
     for key, low in (("block_size", 16), ("max_length", 16)):
         v = values.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
@@ -104,7 +118,7 @@ def _check_decoder_options(values: dict, where: str) -> None:
         if names is not None and not (isinstance(names, list) and all(isinstance(k, str) and k for k in names)):
             raise UsageError(f"{where} {key} must be a list of linear names, e.g. [\"lm_head\", \"down_proj\"]; got {names!r}")
     fused_only = [k for k in ("weights", "accuracy_level", "gguf", "keep_fp32", "requantize", "block_size", "method",
-                              "symmetric")
+                              "symmetric", "minimums", "head_topk")
                   if k in values]
     if values.get("lowering") == "generic" and fused_only:
         raise UsageError(f"{where} {fused_only[0]} applies to the fused lowering; remove it or drop lowering = \"generic\"")

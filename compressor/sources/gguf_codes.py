@@ -15,7 +15,7 @@ refuses 8-bit weights with float zero points), or the default 2^(bits-1). Hence:
     Q5_K  w = d sc q - dmin m       8-bit, block 32, float zp dmin m / (d sc)
 
 The CPU kernel refuses 8-bit weights with float zero points, and is 8-200x slower with 4-bit ones;
-`matmul_nbits_node` lowers any float-zp weight as the symmetric MatMulNBits of the same codes plus a per-block
+`nbits_graph.emit_matmul_nbits` lowers any float-zp weight as the symmetric MatMulNBits of the same codes plus a per-block
 offset term, on the kernel's fast path. Q5_1 / Q5_K are therefore carried only on request (`split_zero_points=True`,
 for a lowering that splits); every other type gives None: the caller re-quantizes those weights.
 
@@ -214,7 +214,7 @@ def to_nbits(t: GGUFTensor, split_zero_points: bool = False) -> NBitsWeight | No
 
     Q5_1 / Q5_K give 8-bit weights with float zero points, which the CPU kernel refuses as MatMulNBits inputs: they
     are carried only for a lowering that splits float zero points off (`split_zero_points=True`, as
-    compressor.export.nbits.matmul_nbits_node does by default)."""
+    compressor.export.nbits_graph.emit_matmul_nbits does by default)."""
     from gguf.constants import GGMLQuantizationType as Q
 
     qt = t.qtype
