@@ -202,6 +202,11 @@ def bench(
         "--allow-cpu-fallback", help="run on CPU (with a warning) when a --provider is not available")] = False,
     samples: Annotated[Optional[int], typer.Option(help="samples per length distribution for the baselines (default: a few batches)")] = None,
     no_baselines: Annotated[bool, typer.Option("--no-baselines", help="only the dense export at the same static shapes")] = False,
+    genai: Annotated[Optional[str], typer.Option(
+        "--genai", metavar="DIR",
+        help="language models: also time an onnxruntime-genai build of the same model (the model builder's output "
+             "folder: genai_config.json + its decoder ONNX; benchmarks/setup_genai.sh makes one) in the same "
+             "interleaved run")] = None,
 ) -> None:
     """time an artifact against dense baselines a user could run instead (same static shapes; dynamic shapes batched
     by length; onnxruntime-fused; fused INT8) on short, paragraph and long real text, interleaved in one run"""
@@ -209,10 +214,14 @@ def bench(
 
     err, out = consoles()
     providers = checked_providers(provider, allow_cpu_fallback, err)
+    if genai is not None:
+        from compressor.export.genai_baseline import check_build
+
+        check_build(genai)  # the folder itself, before the artifact is read (its vocabulary is checked once it is)
     with progress_bars(err, "benchmarking") as bars:
         result = bench_artifact(artifact, repeats=repeats, warmup=warmup, threads=threads, providers=providers,
                                 allow_fallback=allow_cpu_fallback, baselines=not no_baselines, samples=samples,
-                                progress=bars.step)
+                                progress=bars.step, genai=genai)
     print_bench(out, result, artifact)
     write_json(out, json_file, result)
 

@@ -164,12 +164,12 @@ def print_bench(out, result: dict, artifact: str) -> None:
         t.add_row("dense", f"{result['dense_ms']:.1f}", f"{result['decode_dense_ms']:.1f}", f"{result['params_dense'] / 1e6:.1f}")
         for name, b in result.get("baselines", {}).items():
             if name != "dense":
-                t.add_row(f"dense {name.replace('_', ' ')}", f"{b['prefill_ms']:.1f}", f"{b['decode_ms']:.1f}", "")
+                t.add_row(_baseline_label(name, b), f"{b['prefill_ms']:.1f}", f"{b['decode_ms']:.1f}", "")
         t.add_row("compressed", f"{result['compressed_ms']:.1f}", f"{result['decode_compressed_ms']:.1f}", f"{result['params_compressed'] / 1e6:.1f}")
         t.add_row("speed-up", f"{result['speedup']:.2f}x", f"{result['decode_speedup']:.2f}x", "")
         for name, b in result.get("baselines", {}).items():
             if name != "dense":
-                t.add_row(f"speed-up vs {name.replace('_', ' ')}", f"{b['prefill_speedup']:.2f}x", f"{b['decode_speedup']:.2f}x", "")
+                t.add_row(f"speed-up vs {_baseline_label(name, b)}", f"{b['prefill_speedup']:.2f}x", f"{b['decode_speedup']:.2f}x", "")
     else:
         t = Table(title=f"{artifact}: {where}, median of {result['repeats']}")
         for col in ("model", "latency (ms)", "GFLOPs", "speed-up", "FLOPs ratio", "efficiency"):
@@ -178,6 +178,12 @@ def print_bench(out, result: dict, artifact: str) -> None:
         t.add_row("compressed", f"{result['compressed_ms']:.2f}", f"{result['compressed_flops'] / 1e9:.2f}",
                   f"{result['speedup']:.2f}", f"{result['flops_ratio']:.2f}", f"{result['efficiency']:.2f}")
     out.print(t)
+    if result.get("genai"):
+        g = result["genai"]
+        note = f"genai: {g['build']} (model type {g['model_type']})"
+        if g.get("generator_skipped"):
+            note += f"; no og.Generator row: {g['generator_skipped']}"
+        out.print(note, markup=False, highlight=False, soft_wrap=True)
     if result.get("distributions"):
         from compressor.export.baseline_bench import BASELINE_COLUMNS, baseline_rows
 
@@ -187,6 +193,12 @@ def print_bench(out, result: dict, artifact: str) -> None:
         for row in baseline_rows(result):
             b.add_row(*row)
         out.print(b)
+
+
+def _baseline_label(name: str, row: dict) -> str:
+    """A decoder baseline's row label: our dense exports read 'dense fused ...'; an onnxruntime-genai build is not our
+    export, so it keeps its own name."""
+    return name.replace("_", " ") if row.get("kind") == "onnxruntime-genai" else f"dense {name.replace('_', ' ')}"
 
 
 def write_json(out, path: str | None, result: dict) -> None:

@@ -82,9 +82,11 @@ def time_interleaved(sessions: dict, feeds: dict, repeats: int, warmup: int) -> 
 
 
 def bench_artifact(path: str | Path, repeats: int = 20, warmup: int = 3, threads: int = 2, progress=None,
-                   providers=None, allow_fallback: bool = False, baselines: bool = True, samples: int | None = None) -> dict:
+                   providers=None, allow_fallback: bool = False, baselines: bool = True, samples: int | None = None,
+                   genai: str | Path | None = None) -> dict:
     """The artifact against the dense export at the same static shapes (top-level fields, one held-out batch) and,
-    with `baselines`, against what a user would run instead, per length distribution (see baseline_table)."""
+    with `baselines`, against what a user would run instead, per length distribution (see baseline_table). `genai`:
+    an onnxruntime-genai build folder of the same language model, timed as one more row (genai_baseline.py)."""
     if repeats < 1 or warmup < 0 or threads < 1:
         raise UsageError("bench needs repeats >= 1, warmup >= 0 and threads >= 1")
     if samples is not None and samples < 1:
@@ -92,6 +94,14 @@ def bench_artifact(path: str | Path, repeats: int = 20, warmup: int = 3, threads
     step = progress or (lambda msg: None)
     path = Path(path)
     manifest = read_manifest(path, verify=True)
+    build = None
+    if genai is not None:
+        from compressor.export.genai_baseline import check_build, vocab_of
+
+        if manifest["preprocess"]["kind"] != "causal_lm":
+            raise UsageError(f"--genai compares language models, and '{path}' is a {manifest['preprocess']['kind']} "
+                             "artifact; drop --genai, or bench a causal-LM artifact")
+        build = check_build(genai, vocab_of(manifest))
     if manifest["preprocess"]["kind"] == "speech":
         raise UsageError("compress bench does not time speech artifacts yet; benchmarks/whisper.py measures Whisper's "
                          "encoder speed-up and word error rate")
@@ -100,7 +110,7 @@ def bench_artifact(path: str | Path, repeats: int = 20, warmup: int = 3, threads
     dense_path = dense_export(manifest)
     if manifest["preprocess"]["kind"] == "causal_lm":
         return bench_decoder(path, manifest, dense_path, repeats, warmup, threads, step, providers, allow_fallback,
-                             baselines)
+                             baselines, genai=build)
     feeds = held_out_batch(path, manifest)
     sessions = {"dense": open_session(dense_path), "compressed": open_session(path / manifest["model_file"])}
     step(f"timing {repeats} interleaved runs per model")
@@ -138,10 +148,11 @@ def bench_artifact(path: str | Path, repeats: int = 20, warmup: int = 3, threads
 
 def bench_decoder(path: Path, manifest: dict, dense_path: Path, repeats: int, warmup: int, threads: int, step,
                   providers=None, allow_fallback: bool = False, baselines: bool = True,
-                  prefill_len: int = 512, decode_tokens: int = 64, context: int = 128) -> dict:
+                  prefill_len: int = 512, decode_tokens: int = 64, context: int = 128, genai=None) -> dict:
     """Prefill of 1 x prefill_len tokens, and decode_tokens greedy steps after a context: the artifact against the
     dense export (top-level fields) and, with `baselines`, against that export fused by onnxruntime's optimizer,
-    in FP32 and INT8 (`baselines`), all timed interleaved in one run."""
+    in FP32 and INT8 (`baselines`), and with `genai` (a checked GenaiBuild) against that onnxruntime-genai build,
+    all timed interleaved in one run."""
     from compressor.runtime.lm import CausalLM
 
     from compressor.export.baselines import dense_decoder_fused
@@ -156,13 +167,23 @@ def bench_decoder(path: Path, manifest: dict, dense_path: Path, repeats: int, wa
     models = {n: CausalLM(p.parent, dict(manifest, model_file=p.name, **_dense_decoder_layout(p, manifest)), **on)
               for n, (p, _) in dense_files.items()}
     models["compressed"] = CausalLM(path, manifest, **on)
+    genai_rows, genai_record = {}, None
+    if genai is not None:
+        from compressor.export.genai_baseline import genai_rows as open_genai
+
+        step(f"opening the onnxruntime-genai build {genai.folder}")
+        genai_rows, genai_record = open_genai(genai, lambda p: make_session(p, providers, threads, allow_fallback),
+                                              threads, models["compressed"].session.get_providers())
     tokenizer = path / manifest["preprocess"]["tokenizer"]
     window = held_out_windows(tokenizer, prefill_len, 1)[0]
     prefill = {n: _Call(lambda m=m: m.logits(window)) for n, m in models.items()}
+    ids, context_ids = window.tolist(), window[:context].tolist()
+    prefill.update({n: _Call(lambda r=r: r.prefill(ids)) for n, (r, _) in genai_rows.items()})
     step(f"timing prefill of {prefill_len} tokens, {repeats} interleaved runs")
     t_prefill = {n: statistics.median(t) for n, t in time_interleaved(prefill, {}, repeats, warmup).items()}
     decode = {n: _Call(lambda m=m: list(m.stream(window[:context].tolist(), decode_tokens, stop_on_eos=False)))
               for n, m in models.items()}
+    decode.update({n: _Call(lambda r=r: r.stream(context_ids, decode_tokens)) for n, (r, _) in genai_rows.items()})
     step(f"timing {decode_tokens} decode steps after {context} tokens")
     t_decode = {n: statistics.median(t) for n, t in time_interleaved(decode, {}, max(3, repeats // 4), min(warmup, 1)).items()}
     pd, pc, dd, dc = t_prefill["dense"], t_prefill["compressed"], t_decode["dense"], t_decode["compressed"]
@@ -177,14 +198,19 @@ def bench_decoder(path: Path, manifest: dict, dense_path: Path, repeats: int, wa
         "params_dense": manifest["params"]["dense"], "params_compressed": manifest["params"]["compressed"],
         "graph": manifest.get("export", {}).get("steps", []),
     }
-    if baselines:
+    rows = {n: about for n, (_, about) in dense_files.items()} if baselines else {}
+    rows.update({n: about for n, (_, about) in genai_rows.items()})
+    if rows:
         result["baselines"] = {
             n: {"prefill_ms": t_prefill[n], "prefill_speedup": t_prefill[n] / pc,
                 "decode_ms": t_decode[n], "decode_speedup": t_decode[n] / dc, **about}
-            for n, (_, about) in dense_files.items()}
+            for n, about in rows.items()}
+        result["load_average"] = list(os.getloadavg())
+    if baselines:
         result["baselines_note"] = ("decoders: our dense dynamic-shape export (`dense`), it after onnxruntime's "
                                     "transformer optimizer (`fused`), and that in INT8 dynamic per channel (`fused_int8`)")
-        result["load_average"] = list(os.getloadavg())
+    if genai_record is not None:
+        result["genai"] = genai_record
     return result
 
 
