@@ -168,7 +168,8 @@ def lower_decoder(ad, path: Path, opts: LoweringOptions | None = None) -> dict:
     head_nbits = opts.weights("lm_head", [head[0]]) if opts.weights is not None else None
     tied = ad.lm_head.weight is ad.embed_tokens.weight
     gatherable = head_nbits is not None and (head_nbits.zero_points is None or head_nbits.zero_points.dtype == np.uint8)
-    if opts.head_topk and gatherable:  # the head's codes are read by gathers only (embedding, top-k rows)
+    topk = bool(opts.head_topk) and gatherable and head[1] is None  # (no family we lower has a head bias)
+    if topk:  # the head's codes are read by gathers only (embedding, top-k rows)
         g.init("lm_head.qweight", head_nbits.packed)
         g.init("lm_head.scales", head_nbits.scales)
         if head_nbits.zero_points is not None:
@@ -213,7 +214,7 @@ def lower_decoder(ad, path: Path, opts: LoweringOptions | None = None) -> dict:
         if post is not None:
             pending = simple_norm(g, pending, post, f"{p}.post_mlp_norm")
     h, _ = residual_norm(g, x, pending, ad.final_norm_module, "final_norm", None, None, keep_sum=False)
-    if opts.head_topk and gatherable:
+    if topk:
         logits = topk_head(g, h, head_nbits, opts)
     else:
         logits = linear(g, h, "lm_head", [head], opts, nbits=head_nbits)
@@ -232,8 +233,8 @@ def lower_decoder(ad, path: Path, opts: LoweringOptions | None = None) -> dict:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     out = {"lowering": "fused", "ops": ops, "max_length": opts.max_length, "num_layers": n, "width": width}
     if opts.head_topk:
-        out["head_topk"] = opts.head_topk if gatherable else (
-            "not applied: the head ships as FP32 or with float zero points, which GatherBlockQuantized cannot read")
+        out["head_topk"] = opts.head_topk if topk else ("not applied: the head ships as FP32, with float zero points "
+                                                        "(GatherBlockQuantized cannot read them) or with a bias")
     return out
 
 
