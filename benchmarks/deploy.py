@@ -23,8 +23,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from compressor.export.baseline_bench import baseline_sessions, length_distributions, time_distribution  # noqa: E402
-from compressor.export.validate import cosine_rows  # noqa: E402
+from compressor.measure.baseline_bench import baseline_sessions, length_distributions, time_distribution  # noqa: E402
+from compressor.validation.encoder import cosine_rows  # noqa: E402
 from compressor.pipeline.build import run_recipe  # noqa: E402
 from compressor.pipeline.recipe import load_recipe  # noqa: E402
 from compressor.runtime.artifact import read_manifest  # noqa: E402
@@ -76,7 +76,7 @@ def embed(session, feeds: dict, batch: int) -> np.ndarray:
 def quality(model: str, artifact: Path, manifest: dict, sessions: dict) -> dict:
     """MiniLM: Lee corpus correlation (50 documents vs human judgements) and cosine to dense on the Lee documents;
     DINOv2: CLS cosine to dense on 64 Fashion-MNIST test images (after the 32 the compile validated on)."""
-    from compressor.export.baseline_bench import _preprocess
+    from compressor.measure.baseline_bench import _preprocess
 
     b = manifest["shapes"]["batch"]
     if model == "minilm":

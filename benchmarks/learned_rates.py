@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import linear_probe, probe_classifier  # noqa: E402
 
-from compressor.export.validate import cosine_rows  # noqa: E402
-from compressor.pipeline.pass_base import make_pass  # noqa: E402
+from compressor.validation.encoder import cosine_rows  # noqa: E402
+from compressor.pipeline.registry import make_pass  # noqa: E402
 from compressor.pipeline.pass_manager import Pipeline  # noqa: E402
 from compressor.program.encoder import TokenPlan  # noqa: E402
 from compressor.program.handle import load  # noqa: E402

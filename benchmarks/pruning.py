@@ -22,9 +22,9 @@ from pathlib import Path
 
 from compressor.program.handle import load
 from compressor.sources.lm_data import held_out_windows, torch_perplexity
-from compressor.pipeline.pass_base import make_pass
+from compressor.pipeline.registry import make_pass
 from compressor.pipeline.pass_manager import Pipeline
-from compressor.export.validate_lm import program_logits
+from compressor.validation.lm import program_logits
 
 CAL = {"calibration_samples": 32, "calibration_len": 256}
 VARIANTS = {
@@ -67,8 +67,8 @@ def run_variant(passes, windows) -> dict:
 
 
 def speed(handle, workdir: Path) -> dict:
-    from compressor.export.bench import bench_artifact
-    from compressor.export.compile import compile_artifact
+    from compressor.measure.bench import bench_artifact
+    from compressor.artifact.compile import compile_artifact
 
     out = workdir / f"a{time.time_ns()}"
     compile_artifact(handle, out, {"perplexity_windows": 2, "max_perplexity_ratio": 1e6, "greedy_prompts": 1, "min_greedy_agreement": 0.0})

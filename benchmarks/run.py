@@ -32,15 +32,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from compressor.sources import data  # noqa: E402
-from compressor.export.bench import time_interleaved  # noqa: E402
-from compressor.export.compile import export_onnx  # noqa: E402
+from compressor.measure.timing import time_interleaved  # noqa: E402
+from compressor.lower.onnx import export_onnx  # noqa: E402
 from compressor.program.handle import load  # noqa: E402
 from compressor.sources.inputs import feed_batches, preprocessor  # noqa: E402
 from compressor.pipeline.pass_manager import Pipeline  # noqa: E402
-from compressor.pipeline.pass_base import make_pass  # noqa: E402
+from compressor.pipeline.registry import make_pass  # noqa: E402
 from compressor.program.capture import capture, graph_stats  # noqa: E402
 from compressor.runtime.model import make_session, run_in_batches  # noqa: E402
-from compressor.export.validate import cosine_rows  # noqa: E402
+from compressor.validation.encoder import cosine_rows  # noqa: E402
 
 THREADS = 2
 

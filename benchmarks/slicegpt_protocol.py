@@ -26,7 +26,7 @@ from compressor.program.handle import load
 from compressor.sources.lm_data import held_out_windows, torch_perplexity
 from compressor.pipeline.pass_manager import Pipeline
 from compressor.passes import SliceGPT
-from compressor.export.validate_lm import program_logits
+from compressor.validation.lm import program_logits
 
 REFERENCE = {0.2: 62.17, 0.25: 82.42, 0.3: 115.76}  # microsoft/TransformerCompression per_layer, as measured in the issue
 

@@ -30,8 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compressor.export.bench import time_interleaved  # noqa: E402
-from compressor.export.speech import write_speech_folder  # noqa: E402
+from compressor.measure.timing import time_interleaved  # noqa: E402
+from compressor.lower.speech import write_speech_folder  # noqa: E402
 from compressor.program.encoder import EncoderProgram, TokenPlan  # noqa: E402
 from compressor.program.speech import SpeechEncoderProgram  # noqa: E402
 from compressor.runtime import load  # noqa: E402

@@ -21,8 +21,8 @@ _LAZY = {
     "Pass": ("compressor.pipeline.pass_base", "Pass"),
     "PassResult": ("compressor.pipeline.pass_base", "PassResult"),
     "register": ("compressor.pipeline.pass_base", "register"),
-    "compile_artifact": ("compressor.export.compile", "compile_artifact"),
-    "ValidationConfig": ("compressor.export.validate", "ValidationConfig"),
+    "compile_artifact": ("compressor.artifact.compile", "compile_artifact"),
+    "ValidationConfig": ("compressor.validation.encoder", "ValidationConfig"),
     "load_recipe": ("compressor.pipeline.recipe", "load_recipe"),
     "run_recipe": ("compressor.pipeline.build", "run_recipe"),
 }

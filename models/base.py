@@ -3,11 +3,23 @@
 Passes rewrite weights and structure through these adapters; the static-shape program (`compressor.program.encoder`) runs a
 block as `attention` then `mlp`, so a pass such as token merging can act between the two without patching the
 model's own forward. Each family's block math is written against the transformers version the project pins.
+
+To add a family (docs/adding-a-family.md builds one from scratch):
+1. In models/<family>.py, a `LayerAdapter` subclass names one block's parts (q, k, v, o, fc_in, fc_out, its norms)
+   and its math: `EncoderLayer.attention` and `mlp`, or `DecoderLayer`'s `attn_out` and `mlp_out`.
+2. A `ModelAdapter` subclass sets `family`, `modality`, `model_types` and implements the abstract methods of
+   `ModelAdapter` and of each capability interface it inherits (models/capabilities.py): `EncoderAdapter` or
+   `DecoderAdapter` (which program runs it), `HeadPrunable`, `WidthPrunable`, `DepthPrunable` (width_prune,
+   layer_prune), `SliceableAdapter` (slicegpt), `SpeechAdapter`. Passes test capabilities with `isinstance`; a
+   class that misses an abstract method cannot be instantiated (TypeError), so a gap shows on load, not mid-pass.
+3. Reuse the closest family instead where only options differ (Mistral is LlamaAdapter plus two attributes).
+4. Append the class to `ADAPTERS` in models/__init__.py and test it against transformers' own forward.
 """
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -56,11 +68,12 @@ def biased_attention(x: torch.Tensor, q: nn.Linear, k: nn.Linear, v: nn.Linear, 
     return Attended(ctx.transpose(1, 2).reshape(b, n, heads * hd), kh.mean(dim=1), probs)
 
 
-class LayerAdapter:
+class LayerAdapter(ABC):
     """One transformer block: named access to its parts and its math split at the merge point.
 
     Head and channel counts are read from the weights, so a block keeps working after structured pruning made it
-    narrower than its neighbours.
+    narrower than its neighbours. What a program runs besides `mlp` is on `EncoderLayer` / `DecoderLayer`
+    (models/capabilities.py); what SliceGPT rotates is on `SliceableLayer`.
     """
 
     def __init__(self, layer: nn.Module, head_dim: int):
@@ -107,34 +120,20 @@ class LayerAdapter:
             keep_rows(lin, rows)
         keep_columns(self.o, rows)
 
-    def attention(self, x: torch.Tensor, bias: torch.Tensor) -> Attended:
-        """The block up to the merge point: `Attended` with x the hidden states after attention."""
-        raise NotImplementedError
-
+    @abstractmethod
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The MLP block with its residual (and, post-LN, its norm): both programs and every block walk call it."""
+
+    def shortcut(self, block: str) -> nn.Module | None:
+        """SliceGPT's shortcut matrix on the residual path around a block ("attn" or "mlp"), None where there is none
+        (the identity): the programs and the fused lowering apply it."""
+        return getattr(self.layer, f"{block}_shortcut", None)
 
     def residual(self, x: torch.Tensor, block: str) -> torch.Tensor:
         """The residual path around a block ("attn" or "mlp"): identity, or SliceGPT's shortcut matrix between the
         rotations before and after it (per_layer mode)."""
-        shortcut = getattr(self.layer, f"{block}_shortcut", None)
+        shortcut = self.shortcut(block)
         return x if shortcut is None else shortcut(x)
-
-    # SliceGPT (passes/slicegpt) rotates the residual stream: where this block reads and writes it
-    @property
-    def residual_readers(self) -> dict[str, list[nn.Linear]]:
-        """Linears that read the residual stream, keyed by the attribute name of the norm in front of them: the
-        attention's group, then the MLP's."""
-        raise NotImplementedError
-
-    @property
-    def residual_writers(self) -> list[nn.Linear]:
-        """The attention's and the MLP's output projections: the linears that write the residual stream."""
-        raise NotImplementedError
-
-    def writer_sliced(self, writer: nn.Linear) -> None:
-        """`writer` now writes fewer directions of the stream: resize whatever scales its write on the way (DINOv2's
-        layer scale); nothing by default."""
 
 
 def head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
@@ -179,18 +178,26 @@ def sync_intermediate_size(adapter: "ModelAdapter", key: str = "intermediate_siz
         setattr(adapter.config, key, c)
 
 
-class ModelAdapter:
-    """A model family. Subclasses set `family`, `modality`, `model_types` and `protected_per_sample`."""
+class ModelAdapter(ABC):
+    """A model family: what every family implements, whatever its modality and whichever passes it takes.
+
+    Subclasses set `family`, `modality`, `model_types` and `protected_per_sample`, implement the abstract methods
+    below and inherit the capability interfaces (models/capabilities.py) whose passes they support.
+    """
 
     family: str = ""
-    modality: str = ""  # "text", "image", "causal_lm" or "audio"
-    model_types: tuple[str, ...] = ()
+    title: str = ""  # the family's name in prose, for messages (family if empty)
+    modality: str = ""  # "text", "image", "causal_lm" or "audio": the kind of data, shapes and artifact it takes
+    model_types: tuple[str, ...] = ()  # transformers' config.model_type values the family loads
+    examples: tuple[str, ...] = ()  # checkpoints `compress models` lists (empty: the CLI's own table)
     protected_per_sample: int = 1  # tokens that never merge, counted for schedule caps
     auto_class: str = "AutoModel"  # the transformers class that loads the folder
     norm_placement: str = "post"  # "pre" (norm before attention/MLP) or "post" (after the residual add)
     non_stock: str = ""  # set by a pass whose rewrite stock transformers cannot express: why the model is not reloadable
     hf_head_pruning: bool = False  # transformers implements prune_heads (config.pruned_heads) for this family
-    intermediate_key: str = "intermediate_size"  # the config entry that sets the MLP width
+    # the passes this family takes, where it restricts them (a speech model: its export carries a token plan only);
+    # None: every pass whose `requires` its capabilities meet
+    supported_passes: tuple[str, ...] | None = None
 
     def __init__(self, model: nn.Module, folder):
         self.model = model
@@ -202,49 +209,16 @@ class ModelAdapter:
         return self._layers
 
     @property
+    @abstractmethod
     def blocks(self) -> nn.ModuleList:
-        """The model's own list of transformer blocks."""
-        raise NotImplementedError
+        """The model's own list of transformer blocks: what `layers` wraps and layer removal deletes from."""
 
+    @abstractmethod
     def make_layer(self, block: nn.Module) -> LayerAdapter:
-        raise NotImplementedError
+        """Wrap one block in the family's `LayerAdapter`: every pass reaches weights through it."""
 
     def _wrap_layers(self) -> None:
         self._layers = [self.make_layer(b) for b in self.blocks]
-
-    def keep_heads(self, index: int, kept: list[int]) -> None:
-        """Keep these heads of block `index` (indices into its current heads). Where transformers can prune heads
-        itself, through its `prune_heads`, so `config.pruned_heads` records them and the folder reloads."""
-        if not self.hf_head_pruning:
-            self.layers[index].keep_heads(sorted(kept))
-            return
-        gone = [h for h in range(self.layers[index].heads) if h not in set(kept)]
-        remove_heads_hf(self.model, self.blocks[index].attention, index, gone, self.config.num_attention_heads)
-        self._layers[index] = self.make_layer(self.blocks[index])
-
-    def keep_channels(self, index: int, kept: list[int]) -> None:
-        """Keep these MLP channels of block `index` (indices into its current channels)."""
-        self.layers[index].keep_channels(sorted(kept))
-
-    def remove_layers(self, indices: list[int]) -> None:
-        """Delete whole blocks (ShortGPT / SLEB); the config and per-block bookkeeping follow."""
-        drop, total = set(indices), len(self.blocks)
-        for i in sorted(drop, reverse=True):
-            del self.blocks[i]  # in place: the ModuleList stays registered where the model keeps it
-        self.config.num_hidden_layers = len(self.blocks)
-        self._renumber_layers([i for i in range(total) if i not in drop])
-        self._wrap_layers()
-
-    def _renumber_layers(self, old_index: list[int]) -> None:
-        """After removal, block i was block old_index[i]: fix what a family keys by block index."""
-        pruned = getattr(self.config, "pruned_heads", None) or {}
-        if pruned:
-            self.config.pruned_heads = {new: pruned[old] for new, old in enumerate(old_index) if old in pruned}
-
-    def sync_config(self) -> None:
-        """Write uniform per-block sizes (MLP channels; heads where the config holds them) into the config after
-        structured pruning, so `save_pretrained` writes a folder that reloads."""
-        sync_intermediate_size(self, self.intermediate_key)
 
     @property
     def uniform_blocks(self) -> bool:
@@ -261,104 +235,36 @@ class ModelAdapter:
         return not (self.non_stock or not self.uniform_blocks or self.has_shortcuts)
 
     @property
-    def has_class_token(self) -> bool:
-        """The output is read from a class token at position 0 (vision CLS, text pooled by CLS): what class-token
-        attention pruning needs."""
-        if self.protected_per_sample < 1:
-            return False
-        return self.modality == "image" or getattr(self, "pooling", None) == "cls"
-
-    @property
     def has_shortcuts(self) -> bool:
         """SliceGPT's per_layer mode added shortcut matrices (rotations between neighbouring blocks)."""
         return any("shortcut" in name for name, _ in self.model.named_parameters())
 
+    @abstractmethod
     def input_specs(self, shapes: dict) -> list[InputSpec]:
-        raise NotImplementedError
+        """The exported graph's inputs at these compile shapes: export, feeds and the manifest are built from them."""
 
+    @abstractmethod
     def num_tokens(self, shapes: dict) -> int:
-        raise NotImplementedError
+        """Tokens entering the first block at these shapes: token schedules and FLOPs budgets count from it."""
 
     def prepare(self, shapes: dict) -> None:
         """Precompute shape-specific constants eagerly, before any capture (tracing must not create them)."""
 
-    def embed(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs to (hidden states (B, N, C), token kinds (B, N))."""
-        raise NotImplementedError
-
-    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def pool(self, x: torch.Tensor, size: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def reference_forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """The pooled output computed by the unmodified transformers model: the ground truth for tests."""
-        raise NotImplementedError
-
+    @abstractmethod
     def preprocess_config(self, shapes: dict) -> dict:
         """What the runtime needs to turn raw inputs into feeds (stored in the artifact)."""
-        raise NotImplementedError
 
     def artifact_files(self) -> list[str]:
         """Files from the model folder that the artifact carries for pre-processing (tokenizer files)."""
         return []
 
-    # SliceGPT (passes/slicegpt): the pass rotates readers by Q, writers by Q^T and slices; a family that supports
-    # it says here how its norms fold, where its embeddings, norms and head sit and how to step through its blocks
-    title: str = ""  # the family's name in prose, for messages (family if empty)
-
     @property
     def slicing_refusal(self) -> str:
-        """Why SliceGPT cannot rotate this family's residual stream, in one line; "" where it can."""
+        """Why SliceGPT cannot rotate this family's residual stream, in one line; "" where it can (`SliceableAdapter`)."""
         if self.norm_placement != "pre":
             return (f"slicegpt needs a pre-norm model; {self.family} normalises after each residual add (post-norm), "
                     "so a rotation of the residual stream cannot pass through its norms (computational invariance breaks)")
         return f"slicegpt supports Llama-family decoders (Llama, Qwen2, Qwen3, Mistral, Phi-3) and DINOv2 so far, not {self.family}"
-
-    def fold_norms(self) -> None:
-        """Make every norm on the residual stream a weightless RMS norm, which commutes with a rotation, without
-        changing the outputs: scales (and biases) fold into the linears that read the norms."""
-        raise NotImplementedError
-
-    @property
-    def residual_norms(self) -> list[nn.Module]:
-        """The (folded) norms whose inputs are the residual boundaries, in order: each block's two, then the final one."""
-        raise NotImplementedError
-
-    @property
-    def head_readers(self) -> list[nn.Linear]:
-        """Linears that read the final norm's output (the LM head; DINOv2's output projection)."""
-        raise NotImplementedError
-
-    def calibration_forward(self, batch: torch.Tensor) -> None:
-        """Run the model on a calibration batch so that hooks on `residual_norms` see every boundary."""
-        raise NotImplementedError
-
-    def embed_stream(self, batch: torch.Tensor) -> torch.Tensor:
-        """The residual stream at its first boundary (the embeddings' output) for a calibration batch."""
-        raise NotImplementedError
-
-    def stream_context(self, x: torch.Tensor):
-        """What `block_write` needs beside the stream x (rotary tables and masks; an attention bias)."""
-        raise NotImplementedError
-
-    def block_write(self, layer: LayerAdapter, block: str, x: torch.Tensor, context) -> torch.Tensor:
-        """What `layer`'s block ("attn" or "mlp") adds to the residual stream x (its output less the residual)."""
-        raise NotImplementedError
-
-    def rotate_embeddings(self, q: torch.Tensor) -> None:
-        """Write the embeddings in the rotated basis, keeping its first q.shape[1] directions."""
-        raise NotImplementedError
-
-    def set_sliced_norm(self, norm: nn.Module, width: int, d: int) -> None:
-        """Make `norm` (folded, weightless, over `width`) act on a d-dim slice of the rotated stream: the same RMS
-        needs a scale sqrt(width / d) and epsilon * width / d."""
-        raise NotImplementedError
-
-    def record_sliced_width(self, width: int, d: int) -> None:
-        """After portable slicing (one rotation, every boundary at d): write the new width where the family keeps it."""
-        raise NotImplementedError
 
     def describe(self) -> dict:
         c = self.config

@@ -12,13 +12,14 @@ from pathlib import Path
 
 from torch import nn
 
-from .base import LayerAdapter, multi_head_attention
+from .base import multi_head_attention
+from .capabilities import EncoderLayer
 from .vision import VisionEncoderAdapter
 
 OPENAI_CLIP = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
 
 
-class ClipLayerAdapter(LayerAdapter):
+class ClipLayerAdapter(EncoderLayer):
     def __init__(self, layer: nn.Module, head_dim: int):
         super().__init__(layer, head_dim)
         att = layer.self_attn

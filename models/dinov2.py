@@ -8,13 +8,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import NORMAL, PROTECTED, InputSpec, LayerAdapter, ModelAdapter, multi_head_attention
+from .base import NORMAL, PROTECTED, InputSpec, multi_head_attention
+from .capabilities import DepthPrunable, EncoderAdapter, EncoderLayer, HeadPrunable, SliceableLayer, WidthPrunable
 from .dinov2_slicing import Dinov2Slicing
 
 DEFAULT_PREPROCESS = {"size": [224, 224], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resample": "bicubic"}
 
 
-class Dinov2LayerAdapter(LayerAdapter):
+class Dinov2LayerAdapter(EncoderLayer, SliceableLayer):
     def __init__(self, layer: nn.Module, head_dim: int):
         super().__init__(layer, head_dim)
         att = layer.attention
@@ -56,12 +57,13 @@ class Dinov2LayerAdapter(LayerAdapter):
         scale.lambda1 = nn.Parameter(torch.ones(writer.out_features), requires_grad=False)
 
 
-class Dinov2Adapter(Dinov2Slicing, ModelAdapter):
+class Dinov2Adapter(Dinov2Slicing, EncoderAdapter, HeadPrunable, WidthPrunable, DepthPrunable):
     family = "dinov2"
     title = "DINOv2"
     modality = "image"
     model_types = ("dinov2",)
     protected_per_sample = 1  # CLS
+    pooling = "cls"  # pool() reads the class token
     norm_placement = "pre"
     hf_head_pruning = True
     intermediate_key = "mlp_ratio"

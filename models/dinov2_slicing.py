@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from .capabilities import SliceableAdapter
+
 
 class ScaledRMSNorm(nn.Module):
     """x * scale / sqrt(mean(x^2) + eps): a weightless RMS norm over a wider stream acting on a slice of it."""
@@ -50,10 +52,8 @@ def _param(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t.contiguous().float(), requires_grad=False)
 
 
-class Dinov2Slicing:
-    """`ModelAdapter`'s SliceGPT interface for `Dinov2Adapter`."""
-
-    slicing_refusal = ""
+class Dinov2Slicing(SliceableAdapter):
+    """The `SliceableAdapter` interface of `Dinov2Adapter`."""
 
     @torch.no_grad()
     def fold_norms(self) -> None:

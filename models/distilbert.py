@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import LayerAdapter, multi_head_attention
+from .base import multi_head_attention
+from .capabilities import EncoderLayer
 from .text_encoder import TextEncoderAdapter
 
 
-class DistilBertLayerAdapter(LayerAdapter):
+class DistilBertLayerAdapter(EncoderLayer):
     def __init__(self, layer: nn.Module, head_dim: int):
         super().__init__(layer, head_dim)
         att = layer.attention

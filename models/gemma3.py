@@ -8,17 +8,15 @@ scaled by query_pre_attn_scalar^-1/2; final logits are tanh soft-capped where `f
 `attn_logit_softcapping` is not applied: Gemma 3 replaced it by the q/k norms and transformers 4.57's Gemma 3
 attention ignores it, so the program does too (it must match stock transformers, which reloads the result).
 
-SliceGPT is refused (`slicing_refusal`): a block's output reaches the residual stream through an RMSNorm whose
-per-channel scale does not commute with a rotation.
+SliceGPT is refused (`slicing_refusal`; the adapter is a `LlamaLikeAdapter`, not a `SliceableAdapter`): a block's
+output reaches the residual stream through an RMSNorm whose per-channel scale does not commute with a rotation.
 """
 
 from __future__ import annotations
 
-import torch
-
 from compressor.errors import UsageError
 
-from .llama import LlamaAdapter, LlamaLayerAdapter, require
+from .llama import LlamaLayerAdapter, LlamaLikeAdapter, require
 
 
 class Gemma3LayerAdapter(LlamaLayerAdapter):
@@ -40,14 +38,14 @@ class Gemma3LayerAdapter(LlamaLayerAdapter):
         return self.post_mlp_norm(super().mlp_out(x))
 
 
-class Gemma3Adapter(LlamaAdapter):
+class Gemma3Adapter(LlamaLikeAdapter):
     family = "gemma3"
     model_types = ("gemma3_text",)
     examples = ("example:gemma3-270m", "google/gemma-3-270m")  # listed by `compress models`
     norm_placement = "sandwich"  # pre- and post-norms around attention and MLP
     qk_norm = True
     stock_biases = {**dict.fromkeys(("q", "k", "v", "o"), "attention_bias"), **dict.fromkeys(("gate", "up", "fc_out"), False)}
-    attention_attrs = LlamaAdapter.attention_attrs + ("sliding_window", "is_sliding")
+    attention_attrs = LlamaLikeAdapter.attention_attrs + ("sliding_window", "is_sliding")
     slicing_refusal = ("slicegpt cannot rotate gemma3's residual stream: each block's output passes an RMSNorm before "
                        "the residual add, and the norm's per-channel scale does not commute with a rotation "
                        "(computational invariance breaks); use width_prune, layer_prune or distill")
@@ -71,7 +69,11 @@ class Gemma3Adapter(LlamaAdapter):
     def rotaries(self) -> dict:
         return {"global": self.model.model.rotary_emb, "local": self.model.model.rotary_emb_local}
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        logits = super().logits(x)
-        cap = self.config.final_logit_softcapping
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+    @property
+    def embed_scale(self):
+        """sqrt(hidden), which transformers' Gemma3TextScaledWordEmbedding applies in its forward."""
+        return self.embed_tokens.embed_scale
+
+    @property
+    def logit_softcap(self):
+        return self.config.final_logit_softcapping

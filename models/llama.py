@@ -2,23 +2,23 @@
 
 Families that differ from Llama only in options (biases, per-head q/k norms, a sliding window) subclass
 `LlamaAdapter` and set class attributes (see qwen.py, mistral.py); the block math stays in one place
-(`compressor.program.decoder`). Module attribute names are those of transformers 4.57 and are checked on load.
+(`compressor.program.decoder`, typed against `DecoderAdapter`, which does not assume this layout). Module attribute
+names are those of transformers 4.57 and are checked on load.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from compressor.errors import UsageError
 
-from .base import LayerAdapter, ModelAdapter, head_rows, keep_columns, keep_rows
+from .base import head_rows, keep_columns, keep_rows
+from .capabilities import DecoderAdapter, DecoderLayer, DepthPrunable, HeadPrunable, SliceableLayer, WidthPrunable
 from .llama_slicing import LlamaSlicing
 
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "fc_out")
 # rotary types whose frequencies change with the sequence length at run time: a static graph cannot follow them
 LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
@@ -34,7 +34,7 @@ def require(module: nn.Module, names, family: str) -> None:
                          f"{family} adapter is written against transformers 4.57 (pip install 'transformers>=4.57,<4.58')")
 
 
-class LlamaLayerAdapter(LayerAdapter):
+class LlamaLayerAdapter(DecoderLayer, SliceableLayer):
     rope = None  # which of the adapter's `rotaries` this block's attention uses (Gemma 3: "local" or "global")
 
     def __init__(self, layer: nn.Module, head_dim: int, qk_norm: bool = False, sliding_window: int | None = None):
@@ -102,11 +102,12 @@ class LlamaLayerAdapter(LayerAdapter):
         return self.residual(x, "mlp") + self.mlp_out(x)
 
 
-class LlamaAdapter(LlamaSlicing, ModelAdapter):
-    family = "llama"
-    modality = "causal_lm"
-    model_types = ("llama",)
-    auto_class = "AutoModelForCausalLM"
+class LlamaLikeAdapter(DecoderAdapter, HeadPrunable, WidthPrunable, DepthPrunable):
+    """The `DecoderAdapter` of transformers' Llama module layout (model.model.embed_tokens/layers/norm/rotary_emb,
+    lm_head; self_attn.q/k/v/o_proj; mlp.gate/up/down_proj): Llama and the families that follow it with options
+    (qwen.py, mistral.py, phi3.py) or with their own changes (gemma3.py). Not sliceable by itself: `LlamaAdapter`
+    adds SliceGPT's interface, which Gemma 3's post-block norms rule out."""
+
     norm_placement = "pre"
     qk_norm = False  # per-head RMSNorm on queries and keys before rotary (Qwen3)
     # which projections stock transformers gives a bias: a config flag (all of them or none), True (always), False
@@ -144,11 +145,6 @@ class LlamaAdapter(LlamaSlicing, ModelAdapter):
         self.check_block(block)
         return LlamaLayerAdapter(block, self.head_dim, self.qk_norm, self.layer_window(block))
 
-    @property
-    def kv_heads(self) -> list[int]:
-        """Key/value heads of every block (they differ after width pruning removed whole groups unevenly)."""
-        return [l.kv_heads for l in self._layers]
-
     def _renumber_layers(self, old_index):
         super()._renumber_layers(old_index)
         for i, block in enumerate(self.blocks):
@@ -180,10 +176,6 @@ class LlamaAdapter(LlamaSlicing, ModelAdapter):
         return super().transformers_loadable and not any(getattr(l, n).bias is not None for l in self._layers for n in never)
 
     @property
-    def tokenizer_file(self) -> Path:
-        return Path(self.folder) / "tokenizer.json"
-
-    @property
     def embed_tokens(self) -> nn.Embedding:
         return self.model.model.embed_tokens
 
@@ -204,42 +196,9 @@ class LlamaAdapter(LlamaSlicing, ModelAdapter):
         """Rotary modules keyed by `LlamaLayerAdapter.rope`: one shared by every block here."""
         return {None: self.rotary}
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The LM head on the final norm (Gemma soft-caps the result)."""
-        return self.lm_head(self.final_norm_module(x))
 
-    def num_tokens(self, shapes):
-        return shapes["seq_len"]
+class LlamaAdapter(LlamaSlicing, LlamaLikeAdapter):
+    """Llama: the Llama layout, and SliceGPT's interface (its pre-RMSNorms fold into their readers)."""
 
-    def input_specs(self, shapes):
-        from .base import InputSpec
-
-        b = "batch"  # one graph for every batch, prompt and cache length
-        specs = [InputSpec("input_ids", (b, "sequence"), "int64"), InputSpec("attention_mask", (b, "total"), "int64")]
-        for i in range(len(self._layers)):
-            for kind in ("key", "value"):
-                specs.append(InputSpec(f"past_key_values.{i}.{kind}", (b, self.kv_heads[i], "past", self.head_dim), "float32"))
-        return specs
-
-    def preprocess_config(self, shapes):
-        c = self.config
-        eos = c.eos_token_id if isinstance(c.eos_token_id, list) else [c.eos_token_id]
-        return {"kind": "causal_lm", "tokenizer": "tokenizer.json", "eos_token_ids": [int(e) for e in eos if e is not None],
-                "bos_token_id": c.bos_token_id, "num_layers": len(self._layers), "kv_heads": self.kv_heads,
-                "head_dim": self.head_dim, "vocab_size": c.vocab_size}
-
-    def artifact_files(self):
-        return [f for f in TOKENIZER_FILES if (Path(self.folder) / f).exists()]
-
-    def describe(self):
-        out = super().describe()
-        kv = self.kv_heads
-        out.update(kv_heads=kv[0] if len(set(kv)) == 1 else kv,
-                   vocab_size=self.config.vocab_size, tied_embeddings=self.lm_head.weight is self.embed_tokens.weight)
-        windows = [l.sliding_window for l in self._layers]
-        if any(w is not None for w in windows):
-            out["sliding_window"] = windows[0] if len(set(windows)) == 1 else windows
-        return out
-
-    def reference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids).logits
+    family = "llama"
+    model_types = ("llama",)

@@ -13,11 +13,13 @@ import math
 import torch
 from torch import nn
 
+from .capabilities import SliceableAdapter
+from .decoder_attention import rotary_and_bias, self_attention
 
-class LlamaSlicing:
-    """`ModelAdapter`'s SliceGPT interface for `LlamaAdapter` and the families that subclass it."""
 
-    slicing_refusal = ""
+class LlamaSlicing(SliceableAdapter):
+    """The `SliceableAdapter` interface of `LlamaAdapter` and the families that subclass it (any pre-RMSNorm
+    `DecoderAdapter` whose layers are `LlamaLayerAdapter`s)."""
 
     @torch.no_grad()
     def fold_norms(self) -> None:
@@ -49,15 +51,11 @@ class LlamaSlicing:
 
     def stream_context(self, x: torch.Tensor):
         """Rotary cos/sin and the causal bias of full windows (no padding)."""
-        from compressor.program.decoder import rotary_and_bias
-
         return rotary_and_bias(self, x, torch.ones(x.shape[:2], dtype=torch.long), 0)
 
     def block_write(self, layer, block, x, context):
         if block == "mlp":
             return layer.mlp_out(x)
-        from compressor.program.decoder import self_attention
-
         return layer.attn_out(self_attention(self, layer, layer.attn_norm(x), *context)[0])
 
     def rotate_embeddings(self, q: torch.Tensor) -> None:

@@ -15,14 +15,15 @@ from torch import nn
 
 from compressor.errors import UsageError
 
-from .base import LayerAdapter, biased_attention
+from .base import biased_attention
+from .capabilities import EncoderLayer
 from .text_encoder import TextEncoderAdapter
 
 # transformers' MPNetEncoder.forward calls compute_position_bias with its default bucket count, not the config's
 NUM_BUCKETS = 32
 
 
-class MPNetLayerAdapter(LayerAdapter):
+class MPNetLayerAdapter(EncoderLayer):
     def __init__(self, layer: nn.Module, head_dim: int, owner: "MPNetAdapter"):
         super().__init__(layer, head_dim)
         att = layer.attention

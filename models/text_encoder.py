@@ -8,19 +8,21 @@ special tokens it uses when the tokenizer files name none.
 from __future__ import annotations
 
 import json
+from abc import abstractmethod
 from pathlib import Path
 
 import torch
 
 from compressor.errors import UsageError
 
-from .base import NORMAL, PAD, PROTECTED, InputSpec, ModelAdapter
+from .base import NORMAL, PAD, PROTECTED, InputSpec
+from .capabilities import DepthPrunable, EncoderAdapter, HeadPrunable, WidthPrunable
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
                    "merges.txt", "sentencepiece.bpe.model"]
 
 
-class TextEncoderAdapter(ModelAdapter):
+class TextEncoderAdapter(EncoderAdapter, HeadPrunable, WidthPrunable, DepthPrunable):
     """A post-LN text encoder: (input_ids, attention_mask) in, one pooled vector per text out."""
 
     modality = "text"
@@ -30,12 +32,12 @@ class TextEncoderAdapter(ModelAdapter):
     def __init__(self, model, folder):
         super().__init__(model, folder)
         self._wrap_layers()
-        self.pooling, self.normalize = sentence_transformers_pooling(Path(folder))
+        self.pooling, self.normalize = sentence_transformers_pooling(Path(folder))  # "mean" (the class default) or "cls"
         self.cls_id, self.sep_id, self.pad_id = special_ids(Path(folder), self.config, self.special_tokens)
 
+    @abstractmethod
     def embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The family's own embedding module on token ids (positions and token types as the family defines them)."""
-        raise NotImplementedError
 
     def input_specs(self, shapes):
         b, s = shapes["batch"], shapes["seq_len"]

@@ -4,11 +4,13 @@ position embeddings interpolated once per compiled image size, and pre-processin
 from __future__ import annotations
 
 import json
+from abc import abstractmethod
 from pathlib import Path
 
 import torch
 
-from .base import NORMAL, PROTECTED, InputSpec, ModelAdapter
+from .base import NORMAL, PROTECTED, InputSpec
+from .capabilities import DepthPrunable, EncoderAdapter, HeadPrunable, WidthPrunable
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
@@ -38,13 +40,14 @@ def read_preprocess(folder: Path, defaults: dict) -> dict:
     return out
 
 
-class VisionEncoderAdapter(ModelAdapter):
+class VisionEncoderAdapter(EncoderAdapter, HeadPrunable, WidthPrunable, DepthPrunable):
     """Pixels in, one vector per image out. Subclasses give `special_tokens()`, `patches(pixels)` and the cached
     position table `_positions(h, w)`."""
 
     modality = "image"
     norm_placement = "pre"
     protected_per_sample = 1  # CLS
+    pooling = "cls"  # pool() reads the class token
     default_preprocess = {"size": [224, 224], **IMAGENET, "resample": "bicubic"}
 
     def __init__(self, model, folder):
@@ -75,14 +78,17 @@ class VisionEncoderAdapter(ModelAdapter):
                 self._pos_cache[(h, w)] = self._positions(h, w).detach().clone()
         return self._pos_cache[(h, w)]
 
+    @abstractmethod
     def _positions(self, h: int, w: int) -> torch.Tensor:
-        raise NotImplementedError
+        """Position embeddings (1, N, C) for an h x w image, special tokens first: cached per size by `position_embeddings`."""
 
+    @abstractmethod
     def special_tokens(self) -> list[torch.Tensor]:
-        raise NotImplementedError
+        """The learned tokens in front of the patches (CLS; DeiT's distillation token): they never merge."""
 
+    @abstractmethod
     def patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Patch embeddings (B, N_patches, C) of the pixels."""
 
     def embed(self, pixel_values):
         b, _, h, w = pixel_values.shape

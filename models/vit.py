@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import LayerAdapter, multi_head_attention
+from .base import multi_head_attention
+from .capabilities import EncoderLayer
 from .vision import VisionEncoderAdapter
 
 
-class ViTLayerAdapter(LayerAdapter):
+class ViTLayerAdapter(EncoderLayer):
     def __init__(self, layer: nn.Module, head_dim: int):
         super().__init__(layer, head_dim)
         att = layer.attention

@@ -13,10 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import NORMAL, InputSpec, LayerAdapter, ModelAdapter, multi_head_attention
+from .base import NORMAL, InputSpec, multi_head_attention
+from .capabilities import EncoderLayer, SpeechAdapter
 
 
-class WhisperLayerAdapter(LayerAdapter):
+class WhisperLayerAdapter(EncoderLayer):
     def __init__(self, layer: nn.Module, head_dim: int):
         super().__init__(layer, head_dim)
         att = layer.self_attn
@@ -32,22 +33,30 @@ class WhisperLayerAdapter(LayerAdapter):
         return self.residual(x, "mlp") + self.fc_out(self.act(self.fc_in(self.norm2(x))))
 
 
-class WhisperAdapter(ModelAdapter):
+class WhisperAdapter(SpeechAdapter):
+    """Speech: token_merge only (`SpeechAdapter.supported_passes`), so no pruning or slicing interface."""
+
     family = "whisper"
     modality = "audio"
     model_types = ("whisper",)
     auto_class = "WhisperForConditionalGeneration"
     norm_placement = "pre"
     protected_per_sample = 0  # no class token: every audio frame may merge
-    intermediate_key = "encoder_ffn_dim"
     supported_passes = ("token_merge",)  # the speech artifact carries a token plan; structural passes are not wired
     examples = ("example:whisper-base", "openai/whisper-base")  # multilingual checkpoints: the prefix names <|en|>
 
     def __init__(self, model, folder):
         super().__init__(model, folder)
-        self.encoder = model.model.encoder
-        self.decoder = model.model.decoder
         self._wrap_layers()
+
+    @property
+    def encoder(self) -> nn.Module:
+        """transformers' audio encoder (conv stem, positions, the blocks `layers` wraps, final layer norm)."""
+        return self.model.model.encoder
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.model.model.decoder
 
     @property
     def blocks(self):

@@ -1,6 +1,6 @@
-"""Bundled passes, one per file. Importing this package registers them by name."""
+"""Bundled passes, one per file (or package). Importing this package registers them by name."""
 
-from .distill import Distill, DistillConfig
+from .distill import Distill, DistillConfig, DistillEncoder, DistillLM, EncoderDistillConfig, LMDistillConfig
 from .layer_prune import LayerPrune, LayerPruneConfig
 from .learned_rates import LearnedRates, LearnedRatesConfig
 from .slicegpt import SliceGPT, SliceGPTConfig
@@ -8,5 +8,6 @@ from .token_merge import TokenMerge, TokenMergeConfig
 from .token_prune import TokenPrune, TokenPruneConfig
 from .width_prune import WidthPrune, WidthPruneConfig
 
-__all__ = ["Distill", "DistillConfig", "LayerPrune", "LayerPruneConfig", "SliceGPT", "SliceGPTConfig", "TokenMerge", "TokenMergeConfig", "TokenPrune", "TokenPruneConfig",
-           "WidthPrune", "WidthPruneConfig"]
+__all__ = ["Distill", "DistillConfig", "DistillEncoder", "DistillLM", "EncoderDistillConfig", "LMDistillConfig",
+           "LayerPrune", "LayerPruneConfig", "LearnedRates", "LearnedRatesConfig", "SliceGPT", "SliceGPTConfig",
+           "TokenMerge", "TokenMergeConfig", "TokenPrune", "TokenPruneConfig", "WidthPrune", "WidthPruneConfig"]

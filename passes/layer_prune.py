@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from compressor.pipeline.progress import step
 from compressor.errors import UsageError
 from compressor.pipeline.pass_base import Pass, PassResult, register
 
 from .pruning.budget import block_cost, resolve_budget
-from .pruning.calibration import calibration_batches, calibration_description, output_loss, walk
+from .pruning.calibration import calibration_batches, output_loss, walk
 
 METRICS = ("block_influence", "angular", "greedy", "depth")
 
@@ -65,6 +64,15 @@ class LayerPrune(Pass):
     summary = "remove whole blocks by importance on calibration data (ShortGPT block influence, angular distance, SLEB greedy)"
     Config = LayerPruneConfig
     ensures = frozenset({"layers_pruned"})
+    runs_before = {  # what layer_prune.check refuses to follow, as rules on the recipe's order
+        "token_merge": "the token schedule is per block",
+        "token_prune": "the token schedule is per block",
+        "learned_rates": "the token schedule is per block",
+        "slicegpt[mode=per_layer]": "its shortcut matrices tie each block to the rotations of its neighbours",
+    }
+
+    def calibration_need(self, target):
+        return None if self.config.metric == "depth" else ("calibration_samples", self.config.calibration_samples)
 
     def check(self, handle) -> None:
         super().check(handle)
@@ -87,7 +95,7 @@ class LayerPrune(Pass):
         cfg = self.config
         return [i for i in range(layers) if not (cfg.keep_first and i == 0) and not (cfg.keep_last and i == layers - 1)]
 
-    def run(self, handle) -> PassResult:
+    def run(self, handle, ctx) -> PassResult:
         cfg: LayerPruneConfig = self.config
         start = time.perf_counter()
         layers = handle.num_layers
@@ -102,15 +110,15 @@ class LayerPrune(Pass):
             if sum(costs[i] for i in candidates) < need:
                 raise UsageError(f"layer_prune: removing every block that may go leaves more than {kind} = "
                                  f"{budget.keep}; ask for more, or combine with width_prune or slicegpt")
-        batches = [] if cfg.metric == "depth" else calibration_batches(handle, cfg.calibration_samples, cfg.batch, cfg.calibration_len, cfg.seed)
+        batches = [] if cfg.metric == "depth" else calibration_batches(ctx.calibration, cfg.calibration_samples, cfg.batch, cfg.calibration_len, cfg.seed)
         info: dict = {"metric": cfg.metric}
         if cfg.metric != "depth":  # depth reads no data
-            info["calibration"] = calibration_description(handle)
+            info["calibration"] = ctx.calibration.description()
         with torch.no_grad():
             if cfg.metric == "depth":
                 removed = _cheapest(sorted(candidates, reverse=True), costs, need)
             elif cfg.metric == "greedy":
-                removed, trace = self._greedy(handle, batches, candidates, costs, need)
+                removed, trace = self._greedy(handle, ctx, batches, candidates, costs, need)
                 info["greedy_losses"] = trace
             else:
                 sims = boundary_cosines(handle, batches)
@@ -131,17 +139,17 @@ class LayerPrune(Pass):
             info["budget"] = {"kind": budget.kind, "keep": budget.keep}
         return PassResult(modified=True, info=info)
 
-    def _greedy(self, handle, batches, candidates, costs, need):
+    def _greedy(self, handle, ctx, batches, candidates, costs, need):
         """SLEB: each round removes the block whose absence costs the least calibration loss, given those already gone.
         A candidate's run starts from its own input, computed once per round (the blocks before it are unchanged)."""
-        reference = [walk(handle, b).output for b in batches] if handle.adapter.modality != "causal_lm" else [None] * len(batches)
+        reference = [None] * len(batches) if handle.target.decoder else [walk(handle, b).output for b in batches]
         removed: set[int] = set()
         trace = []
         while sum(costs[i] for i in removed) < need:
             options = [i for i in candidates if i not in removed]
             if not options:
                 break
-            step(f"greedy round {len(removed) + 1}: scoring {len(options)} blocks")
+            ctx.progress.step(f"greedy round {len(removed) + 1}: scoring {len(options)} blocks")
             kept = [i for i in range(handle.num_layers) if i not in removed]
             inputs = [dict(zip(kept, walk(handle, b, removed, keep_states=True).states)) for b in batches]
             scores = {i: sum(float(output_loss(handle, walk(handle, b, removed | {i}, start=i, x=at[i]).output, r, b[0]))

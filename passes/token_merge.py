@@ -70,7 +70,7 @@ class TokenMerge(Pass):
     requires = frozenset({"encoder"})
     ensures = frozenset({"token_plan"})
 
-    def run(self, handle) -> PassResult:
+    def run(self, handle, ctx) -> PassResult:
         cfg: TokenMergeConfig = self.config
         layers, tokens = handle.num_layers, handle.num_tokens
         protected = handle.adapter.protected_per_sample

@@ -66,7 +66,7 @@ class TokenPrune(Pass):
         if any(plan.prunes) and (plan.prune_by != cfg.importance or plan.fuse_pruned != cfg.fuse_pruned):
             raise UsageError(f"token_prune: the plan already prunes by {plan.prune_by} (fuse_pruned = {plan.fuse_pruned}); a second token_prune must use the same")
 
-    def run(self, handle) -> PassResult:
+    def run(self, handle, ctx) -> PassResult:
         cfg: TokenPruneConfig = self.config
         layers, tokens = handle.num_layers, handle.num_tokens
         protected = handle.adapter.protected_per_sample

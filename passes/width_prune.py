@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 import torch
 
 from compressor.errors import UsageError
-from compressor.export.timing import LATENCY_ATTEMPTS, LATENCY_TOLERANCE, time_handles
 from compressor.models.base import head_rows
 from compressor.pipeline.pass_base import Pass, PassResult, register
 
 from .pruning.budget import Budget, channel_cost, head_cost, resolve_budget
-from .pruning.calibration import calibration_batches, calibration_description
+from .pruning.calibration import calibration_batches
 from .pruning.compensate import compensated, set_projection
 from .pruning.importance import calibrate, channel_scores, head_scores
 from .pruning.latency import LatencyModel
@@ -94,22 +93,27 @@ class WidthPrune(Pass):
     summary = "remove attention heads and MLP channels under a global parameter or FLOPs budget (Fisher / FLAP importance, least-squares compensation)"
     Config = WidthPruneConfig
     ensures = frozenset({"width_pruned"})
+    runs_before = {"slicegpt[mode=per_layer]": "per_layer slicing fits its rotations and shortcut matrices to the "
+                                               "blocks as they stand"}
+
+    def calibration_need(self, target):
+        return "calibration_samples", self.config.calibration_samples
 
     def check(self, handle) -> None:
         super().check(handle)
         if handle.adapter.has_shortcuts:
             raise UsageError("width_prune must come before slicegpt's per_layer mode (run it first, then slice)")
 
-    def run(self, handle) -> PassResult:
+    def run(self, handle, ctx) -> PassResult:
         cfg: WidthPruneConfig = self.config
         start = time.perf_counter()
         dense = None
         if cfg.latency is None:
             budget = resolve_budget(handle, self.name, cfg.params, cfg.flops)
         else:
-            budget, dense = self._latency_budget(handle)
+            budget, dense = self._latency_budget(handle, ctx)
         self._check_reachable(handle, budget)
-        batches = calibration_batches(handle, cfg.calibration_samples, cfg.batch, cfg.calibration_len, cfg.seed)
+        batches = calibration_batches(ctx.calibration, cfg.calibration_samples, cfg.batch, cfg.calibration_len, cfg.seed)
         cal = calibrate(handle, batches, fisher=cfg.importance == "fisher", gram=cfg.compensate == "least_squares", seed=cfg.seed)
         scoring = time.perf_counter() - start
         heads = head_scores(handle, cal, cfg.importance) if cfg.heads else None
@@ -126,8 +130,8 @@ class WidthPrune(Pass):
             handle.adapter.sync_config()
             if pristine is None:
                 break
-            attempts.append(self._check_latency(handle, dense, budget, sum(u.cost for u in removed)))
-            need = self._corrected(budget, need, attempts)
+            attempts.append(self._check_latency(handle, ctx, dense, budget, sum(u.cost for u in removed)))
+            need = self._corrected(budget, need, attempts, ctx.latency.tolerance, ctx.latency.attempts)
             if need is None:
                 break
             handle.adapter = copy.deepcopy(pristine)  # the prices were off: start again from the unpruned model
@@ -141,38 +145,37 @@ class WidthPrune(Pass):
             "heads_per_layer": [l.heads for l in ad.layers], "kv_heads_per_layer": [l.kv_heads for l in ad.layers],
             "channels_per_layer": [l.channels for l in ad.layers],
             "kept_heads": plan["heads"], "kept_channels_count": [len(k) for k in plan["channels"]],
-            "calibration_samples": cfg.calibration_samples, "calibration": calibration_description(handle),
+            "calibration_samples": cfg.calibration_samples, "calibration": ctx.calibration.description(),
             "scoring_seconds": round(scoring, 2), "seconds": round(time.perf_counter() - start, 2),
             "transformers_loadable": ad.transformers_loadable,
         })
 
-    def _latency_budget(self, handle) -> tuple[Budget, object]:
+    def _latency_budget(self, handle, ctx) -> tuple[Budget, object]:
         """Measure the model as it stands (and as loaded, if earlier passes changed it) and price heads and channels;
-        returns the budget and the dense model as loaded, which every attempt is timed against."""
-        from compressor.program.handle import load
-
-        dense = load(handle.source.reload_spec, **handle.shapes)
+        returns the budget and the dense model as loaded (`ctx.reference()`), which every attempt is timed against."""
+        dense = ctx.reference()
         changed = any(r.get("modified", True) for r in handle.history)
-        model = LatencyModel(handle, self.config.gqa, self.config.threads, dense_handle=dense if changed else None)
+        model = LatencyModel(handle, ctx.latency, self.config.gqa, self.config.threads,
+                             dense_handle=dense if changed else None)
         budget = Budget("latency", self.config.latency, model.dense_ms, model.now_ms, model.per_flop, model.to_json())
         if budget.to_remove <= 0:
             raise UsageError(f"width_prune: the model already runs in {budget.current / budget.dense:.1%} of the dense "
                              f"latency, at or under latency = {budget.keep}; ask for less")
         return budget, dense
 
-    def _check_latency(self, handle, dense, budget, predicted_saving: float) -> dict:
+    def _check_latency(self, handle, ctx, dense, budget, predicted_saving: float) -> dict:
         """Time the result against the dense model: the price table is a prediction, this is the measurement."""
-        ms = time_handles({"dense": dense, "pruned": handle}, threads=self.config.threads)
+        ms = ctx.latency.time_handles({"dense": dense, "pruned": handle}, threads=self.config.threads)
         return {"predicted_ratio": round((budget.current - predicted_saving) / budget.dense, 4),
                 "measured_ratio": round(ms["pruned"] / ms["dense"], 4), "check_ms": {k: round(v, 3) for k, v in ms.items()}}
 
     @staticmethod
-    def _corrected(budget, need: float, attempts: list[dict]) -> float | None:
-        """What to remove next time, or None when the last measurement is within LATENCY_TOLERANCE of the budget (or
-        the attempts are spent): the amount asked for, scaled by the saving wanted over the saving measured (removing
+    def _corrected(budget, need: float, attempts: list[dict], tolerance: float, most: int) -> float | None:
+        """What to remove next time, or None when the last measurement is within `tolerance` of the budget (or the
+        `most` attempts are spent): the amount asked for, scaled by the saving wanted over the saving measured (removing
         heads and channels together does not save exactly the sum of their prices, nor the same on every machine)."""
         got = attempts[-1]["measured_ratio"]
-        if abs(got / budget.keep - 1) <= LATENCY_TOLERANCE or len(attempts) >= LATENCY_ATTEMPTS:
+        if abs(got / budget.keep - 1) <= tolerance or len(attempts) >= most:
             return None
         start = budget.current / budget.dense
         saved = start - got

@@ -28,15 +28,11 @@ import stat
 from pathlib import Path
 
 from .errors import RuntimeArtifactError
+from .files import MANIFEST, MAX_MANIFEST_BYTES, REBUILD, SIGNATURE, UNLISTED, _inside, read_manifest_bytes  # noqa: F401
 
 FORMAT_NAME = "compressor-artifact"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-SIGNATURE = "manifest.sig"
-UNLISTED = (MANIFEST, SIGNATURE)  # at the folder's top: the manifest cannot hash itself, nor the signature over it
 KINDS = ("text", "image", "causal_lm", "speech")
-MAX_MANIFEST_BYTES = 16 << 20  # real manifests are tens of kilobytes
-REBUILD = "rebuild the artifact"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _DRIVE = re.compile(r"[A-Za-z]:")
 _MISSING = object()
@@ -82,8 +78,6 @@ def check_name(name, key: str, where: str = MANIFEST) -> str:
     return name
 
 
-def _inside(root: str, path: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 _HASHED: dict[str, tuple] = {}  # real path -> (stat key, SHA-256): a file is hashed again only if it changed
@@ -374,33 +368,8 @@ def check_manifest(manifest, where: str = MANIFEST, complete: bool = False) -> d
     s.listed(manifest.get("model_file", _MISSING), "model_file", files)
     inputs, outputs = _specs(s, manifest, "inputs"), _specs(s, manifest, "outputs")
     pre = s.obj(manifest, "preprocess", "preprocess")
-    kind = s.get(pre, "kind", "preprocess.kind", f"one of {', '.join(KINDS)}", lambda v: isinstance(v, str) and v in KINDS)
-    if kind != "image":
-        s.listed(pre.get("tokenizer", _MISSING), "preprocess.tokenizer", files)
-    if kind in ("text", "image"):
-        _static(s, "inputs[0]", manifest["inputs"][0])
-        _static(s, "outputs[0]", manifest["outputs"][0])
-    if kind == "text":
-        s.get(pre, "pad_id", "preprocess.pad_id", "an int >= 0", _int)
-        _require(s, "inputs", inputs, ["input_ids", "attention_mask"], "a text encoder's feeds")
-        for name in ("input_ids", "attention_mask"):
-            if len(inputs[name]["shape"]) != 2:
-                s.fail(f"inputs.{name}.shape", "[batch, seq_len]", inputs[name]["shape"])
-            _static(s, f"inputs.{name}", inputs[name])
-    elif kind == "image":
-        s.get(pre, "size", "preprocess.size", "[height, width], ints >= 1", lambda v: _ints(v, 1) and len(v) == 2)
-        for key in ("mean", "std"):
-            s.get(pre, key, f"preprocess.{key}", "three numbers (R, G, B)",
-                  lambda v: isinstance(v, list) and len(v) == 3 and all(_num(x) for x in v))
-        if 0 in pre["std"]:
-            s.fail("preprocess.std", "three non-zero numbers", pre["std"])
-        s.get(pre, "resample", "preprocess.resample", "one of bicubic, bilinear, nearest",
-              lambda v: v in ("bicubic", "bilinear", "nearest"), optional=True)
-        s.get(pre, "crop", "preprocess.crop", "true or false", lambda v: isinstance(v, bool), optional=True)
-    elif kind == "causal_lm":
-        _check_lm(s, pre, inputs, outputs)
-    elif kind == "speech":
-        _check_speech(s, manifest, pre, files, outputs)
+    kind = s.get(pre, "kind", "preprocess.kind", f"one of {', '.join(KIND_SCHEMAS)}", lambda v: isinstance(v, str) and v in KIND_SCHEMAS)
+    KIND_SCHEMAS[kind](s, manifest, pre, inputs, outputs, files)
     export = s.obj(manifest, "export", "export", optional=True)
     buckets = s.get(export or {}, "buckets", "export.buckets", "a list of {seq_len, model_file} objects",
                     lambda v: isinstance(v, list), optional=True)
@@ -476,22 +445,6 @@ def _check_described(s: _Schema, m: dict) -> None:
 
 
 # ---------------------------------------------------------------- reading
-def read_manifest_bytes(folder) -> bytes:
-    """The exact bytes of the artifact's manifest.json (what a signature covers), from a regular file in the folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise RuntimeArtifactError(f"artifact '{folder}' does not exist or is not a folder")
-    path = folder / MANIFEST
-    if not os.path.lexists(path):
-        raise RuntimeArtifactError(f"'{folder}' is not a compressor artifact: no {MANIFEST}")
-    if not _inside(os.path.realpath(folder), os.path.realpath(path)):
-        raise RuntimeArtifactError(f"{path} is a symbolic link out of the artifact folder; {REBUILD}")
-    if not path.is_file():
-        raise RuntimeArtifactError(f"{path} is not a regular file; {REBUILD}")
-    size = path.stat().st_size
-    if size > MAX_MANIFEST_BYTES:
-        raise RuntimeArtifactError(f"{path} is {size} bytes, far more than any manifest; the artifact is damaged, {REBUILD}")
-    return path.read_bytes()
 
 
 def parse_manifest(raw: bytes, where: str = MANIFEST):
@@ -521,3 +474,46 @@ def read_manifest(folder: str | Path, verify: bool = True, *, verify_key=None, c
     if verify:
         verify_files(folder, manifest)
     return manifest
+
+
+def _encoder_io(s, manifest: dict) -> None:
+    _static(s, "inputs[0]", manifest["inputs"][0])
+    _static(s, "outputs[0]", manifest["outputs"][0])
+
+
+def _check_text(s, manifest: dict, pre: dict, inputs: dict, outputs: dict, files: dict) -> None:
+    s.listed(pre.get("tokenizer", _MISSING), "preprocess.tokenizer", files)
+    _encoder_io(s, manifest)
+    s.get(pre, "pad_id", "preprocess.pad_id", "an int >= 0", _int)
+    _require(s, "inputs", inputs, ["input_ids", "attention_mask"], "a text encoder's feeds")
+    for name in ("input_ids", "attention_mask"):
+        if len(inputs[name]["shape"]) != 2:
+            s.fail(f"inputs.{name}.shape", "[batch, seq_len]", inputs[name]["shape"])
+        _static(s, f"inputs.{name}", inputs[name])
+
+
+def _check_image(s, manifest: dict, pre: dict, inputs: dict, outputs: dict, files: dict) -> None:
+    _encoder_io(s, manifest)
+    s.get(pre, "size", "preprocess.size", "[height, width], ints >= 1", lambda v: _ints(v, 1) and len(v) == 2)
+    for key in ("mean", "std"):
+        s.get(pre, key, f"preprocess.{key}", "three numbers (R, G, B)",
+              lambda v: isinstance(v, list) and len(v) == 3 and all(_num(x) for x in v))
+    if 0 in pre["std"]:
+        s.fail("preprocess.std", "three non-zero numbers", pre["std"])
+    s.get(pre, "resample", "preprocess.resample", "one of bicubic, bilinear, nearest",
+          lambda v: v in ("bicubic", "bilinear", "nearest"), optional=True)
+    s.get(pre, "crop", "preprocess.crop", "true or false", lambda v: isinstance(v, bool), optional=True)
+
+
+def _check_lm_kind(s, manifest: dict, pre: dict, inputs: dict, outputs: dict, files: dict) -> None:
+    s.listed(pre.get("tokenizer", _MISSING), "preprocess.tokenizer", files)
+    _check_lm(s, pre, inputs, outputs)
+
+
+def _check_speech_kind(s, manifest: dict, pre: dict, inputs: dict, outputs: dict, files: dict) -> None:
+    s.listed(pre.get("tokenizer", _MISSING), "preprocess.tokenizer", files)
+    _check_speech(s, manifest, pre, files, outputs)
+
+
+# the schema of each kind of artifact (the manifest's preprocess.kind), checked after the common keys
+KIND_SCHEMAS = {"text": _check_text, "image": _check_image, "causal_lm": _check_lm_kind, "speech": _check_speech_kind}

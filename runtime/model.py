@@ -13,6 +13,9 @@ from .errors import ArtifactKindError, FeedError, FeedTypeError, RuntimeArtifact
 from .preprocess import ImagePreprocessor, TextPreprocessor, as_list, load_tokenizer
 from .providers import check_session_providers, resolve_providers
 
+# the embedding call each encoder kind (the manifest's preprocess.kind) takes; other kinds have none
+EMBED_CALLS = {"text": "embed", "image": "embed_images"}
+
 
 class TruncationWarning(UserWarning):
     """Texts longer than the compiled sequence length were cut to it."""
@@ -209,10 +212,10 @@ class CompiledModel:
         TruncationWarning says how many, once per model, so a long-document workload does not go unnoticed. An
         artifact compiled with length buckets runs each text in the shortest graph that holds it.
         """
-        if self.kind not in ("text", "image"):
+        if self.kind not in EMBED_CALLS:
             self._wrong_kind("embed")
         texts = as_list(texts, "embed()", "strings", lambda t: isinstance(t, str))
-        if self.kind != "text":
+        if EMBED_CALLS[self.kind] != "embed":
             raise FeedError("embed() is for text encoders; this artifact is a vision encoder: use embed_images()")
         if self._preprocessor is None:
             seq_len = int(self.inputs["input_ids"]["shape"][1])
@@ -229,10 +232,10 @@ class CompiledModel:
 
     def embed_images(self, images) -> np.ndarray:
         """Embed PIL images or uint8 arrays with a vision encoder (resized and normalised as compiled)."""
-        if self.kind not in ("text", "image"):
+        if self.kind not in EMBED_CALLS:
             self._wrong_kind("embed_images")
         images = ImagePreprocessor.image_list(images, "embed_images()")
-        if self.kind != "image":
+        if EMBED_CALLS[self.kind] != "embed_images":
             raise FeedError("embed_images() is for vision encoders; this artifact is a text encoder: use embed()")
         if self._preprocessor is None:
             self._preprocessor = ImagePreprocessor.from_config(self._pre)

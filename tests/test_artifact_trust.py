@@ -22,7 +22,8 @@ import pytest
 from compressor.runtime import (ArtifactKindError, FeedError, ProviderError, RuntimeArtifactError, RuntimeUsageError,
                                 load, resolve_providers)
 from compressor.runtime.artifact import check_name, hash_folder, sha256_of
-from compressor.runtime.signing import generate_keypair, public_key, sign_artifact
+from compressor.artifact.sign import generate_keypair, sign_artifact
+from compressor.runtime.signing import public_key
 
 from .conftest import compress
 

@@ -9,8 +9,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from compressor.export.buckets import bucket_plan
-from compressor.export.validate import cosine_rows
+from compressor.artifact.buckets import bucket_plan
+from compressor.validation.encoder import cosine_rows
 from compressor.program.encoder import TokenPlan
 from compressor.runtime import RuntimeArtifactError, load, read_manifest
 from compressor.runtime.preprocess import TextPreprocessor

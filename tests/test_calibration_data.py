@@ -12,10 +12,12 @@ import torch
 
 from compressor.errors import UsageError
 from compressor.passes import Distill, LayerPrune, LearnedRates, SliceGPT, WidthPrune
+from compressor.pipeline.context import PassContext
 from compressor.pipeline.recipe import load_recipe, resolve_recipe
 from compressor.program.handle import load
 from compressor.sources import data, photos
 from compressor.sources.inputs import calibration_description, calibration_inputs, preprocessor
+from compressor.targets import target_for
 
 from .conftest import SMALL_IMAGE, SMALL_TEXT, compress
 
@@ -93,7 +95,7 @@ def fresh(handle, path: Path | None = None):
 def run_pass(p, handle) -> dict:
     """The pass's record info (what the manifest's `passes` entry carries), without the pipeline's graph captures."""
     p.check(handle)
-    return p.run(handle).info
+    return p.run(handle, PassContext.for_handle(handle)).info
 
 
 def test_user_text_drives_layer_prune_and_distill(minilm, news, code):
@@ -131,7 +133,7 @@ def test_user_text_becomes_token_windows_for_language_models(minilm, code):
     from compressor.sources.lm_data import calibration_windows, tokenize_plain
 
     tok = Path(minilm.adapter.folder) / "tokenizer.json"
-    cal = data.calibration_data({"calibration": str(code)}, "causal_lm")
+    cal = data.calibration_data({"calibration": str(code)}, target_for("causal_lm"))
     ids = tokenize_plain(tok, [cal.text()]).tolist()
     windows = calibration_windows(tok, 4, 32, seed=1, source=cal)
     text = " ".join(map(str, ids))
@@ -154,8 +156,8 @@ def test_user_image_folder_drives_dinov2_calibration(tmp_path):
         (pixels,) = calibration_inputs(handle, 8)
         expected = preprocessor(handle)([data.open_image(f) for f in sorted(folder.iterdir())])["pixel_values"]
         assert torch.equal(pixels, torch.from_numpy(expected))
-        cal = data.calibration_data({"calibration": str(folder)}, "image")
-        _, info = calibration_samples(handle, SliceGPT(calibration_samples=8).config)
+        cal = data.calibration_data({"calibration": str(folder)}, target_for("image"))
+        _, info = calibration_samples(handle, PassContext.for_handle(handle).calibration, SliceGPT(calibration_samples=8).config)
         assert info == {"calibration_images": 8, "calibration": f"8 images from {folder} (sha256 {cal.sha256[:12]})"}
         influence[folder.name] = run_pass(LayerPrune(blocks=1, calibration_samples=8, batch=4), handle)["influence"]
     assert influence["landscapes"] != influence["portraits"]

@@ -89,7 +89,7 @@ def test_sighup_ends_a_build_like_ctrl_c(tmp_path, capsys):
 
 HOLD = """
 import sys, time
-from compressor.export.publish_lock import output_lock
+from compressor.artifact.lock import output_lock
 with output_lock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(600)
@@ -99,7 +99,7 @@ with output_lock(sys.argv[1]):
 def test_stale_scratch_is_swept_and_a_live_build_s_is_kept(tmp_path):
     """A build killed with SIGKILL (no handler runs) leaves its temporary folder and lock file; the next build into
     the same parent removes them, and never the scratch of a build that is still running."""
-    from compressor.export.publish_lock import output_lock
+    from compressor.artifact.lock import output_lock
 
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "a")], stdout=subprocess.PIPE, text=True)
     try:
@@ -233,7 +233,7 @@ class FakeClock:
 
 
 def test_paired_timing_interleaves_and_compares_medians():
-    from compressor.export.timing import time_paired
+    from compressor.measure.timing import time_paired
 
     clock, calls = FakeClock(), []
 
@@ -275,8 +275,8 @@ def test_a_signal_while_publishing_waits_for_both_renames(tmp_path, monkeypatch)
     output: publishing holds signals until both renames are done, then the signal ends the run as usual."""
     from compressor.cli.signals import terminate_on_signals
     from compressor.errors import Terminated
-    from compressor.export import compile as compile_module
-    from compressor.export.publish_lock import was_published
+    from compressor.artifact import publish as compile_module
+    from compressor.artifact.lock import was_published
 
     out, new = tmp_path / "out", tmp_path / ".out.tmp-abcdefgh"
     for folder, text in ((out, "old"), (new, "new")):

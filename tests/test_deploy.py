@@ -53,7 +53,7 @@ def test_int8_with_fusions_compiles_and_validates_the_shipped_graph(tmp_path):
 
 @pytest.mark.slow
 def test_bench_has_honest_baselines(minilm_artifact):
-    from compressor.export.bench import bench_artifact
+    from compressor.measure.bench import bench_artifact
 
     r = bench_artifact(minilm_artifact, repeats=1, warmup=0, samples=4)
     assert set(r["distributions"]) == {"short", "paragraphs", "long"} and len(r["load_average"]) == 3
@@ -65,7 +65,7 @@ def test_bench_has_honest_baselines(minilm_artifact):
         for name, row in dist["baselines"].items():
             assert row["ms"] > 0 and row["speedup"] == pytest.approx(row["ms"] / dist["compressed_ms"])
             assert row["cosine_to_dense"] > (0.98 if name == "fused_int8" else 0.9999), name  # the same function
-    from compressor.export.baseline_bench import BASELINE_COLUMNS, baseline_rows
+    from compressor.measure.baseline_bench import BASELINE_COLUMNS, baseline_rows
 
     assert [len(row) for row in baseline_rows(r)] == [len(BASELINE_COLUMNS)] * 3
     fusion = r["distributions"]["short"]["baselines"]["fused"]["fusion"]

@@ -10,6 +10,7 @@ import torch
 
 from compressor.errors import UsageError
 from compressor.program.handle import load
+from compressor.pipeline.context import PassContext
 from compressor.pipeline.pass_manager import Pipeline
 from compressor.passes import Distill, TokenMerge
 from compressor.passes.distill import encode
@@ -57,7 +58,7 @@ def test_channel_pruned_dinov2_recovers_blocks_only():
     embeddings = {n: p.clone() for n, p in ad.model.embeddings.named_parameters()}
     p = Distill(**SMALL_DISTILL, train="blocks")
     p.check(handle)
-    info = p.run(handle).info
+    info = p.run(handle, PassContext.for_handle(handle)).info
     assert info["hidden_term"] and not info["restored"] and info["eval_loss_after"] < info["eval_loss_before"]
     assert info["eval_cosine_after"] > info["eval_cosine_before"]
     assert info["trained_params"] == sum(q.numel() for q in ad.blocks.parameters())
@@ -69,17 +70,21 @@ def test_channel_pruned_dinov2_recovers_blocks_only():
 def test_a_worse_student_is_restored():
     """A learning rate that wrecks the model: the pass reports it and puts the weights it found back."""
     handle = load("example:minilm", **SMALL_TEXT)
-    TokenMerge(r=8).run(handle)
+    TokenMerge(r=8).run(handle, PassContext.for_handle(handle))
     before = {n: p.clone() for n, p in handle.adapter.model.named_parameters()}
-    info = Distill(steps=2, batch=2, samples=4, eval_samples=4, lr=0.5, warmup=0.0).run(handle).info
+    info = Distill(steps=2, batch=2, samples=4, eval_samples=4, lr=0.5, warmup=0.0).run(handle, PassContext.for_handle(handle)).info
     assert info["restored"] and info["eval_loss_after"] > info["eval_loss_before"]
     assert all(torch.equal(p, before[n]) for n, p in handle.adapter.model.named_parameters())
     assert_frozen_plain(handle)
 
 
 def test_options_of_the_other_kind_are_refused():
-    encoder = SimpleNamespace(adapter=SimpleNamespace(modality="text", family="bert"), capabilities={"text", "encoder"})
-    lm = SimpleNamespace(adapter=SimpleNamespace(modality="causal_lm", family="llama"), capabilities={"causal_lm"})
+    from compressor.targets import target_for
+
+    encoder = SimpleNamespace(adapter=SimpleNamespace(modality="text", family="bert"), capabilities={"text", "encoder"},
+                              target=target_for("text"))
+    lm = SimpleNamespace(adapter=SimpleNamespace(modality="causal_lm", family="llama"),
+                         capabilities={"causal_lm", "decoder"}, target=target_for("causal_lm"))
     Distill().check(encoder)
     Distill().check(lm)
     with pytest.raises(UsageError, match="seq_len, temperature apply to language models only"):

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from compressor.errors import UsageError
-from compressor.export.decoder_deploy import WeightPlan, lowering_options, rounded_zero_points
-from compressor.export.lower_decoder import LoweringOptions, fused_refusal, lower_decoder
-from compressor.export.optimize import export_options
+from compressor.lower.decoder_deploy import WeightPlan, lowering_options, rounded_zero_points
+from compressor.lower.fused_decoder import LoweringOptions, fused_refusal, lower_decoder
+from compressor.lower.optimize import export_options
 from compressor.program.decoder import DecoderProgram, prefill_inputs
 from compressor.runtime.decode import SharedKVDecoder
 from compressor.sources.source import load_source

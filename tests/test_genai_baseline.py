@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from compressor.errors import UsageError
-from compressor.export.genai_baseline import check_build, vocab_of
+from compressor.measure.genai import check_build, vocab_of
 
 from .conftest import compress
 from .test_cli import assert_one_line_error, compress_in_process

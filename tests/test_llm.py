@@ -15,7 +15,7 @@ from compressor.program.handle import load
 from compressor.sources.lm_data import held_out_windows, torch_perplexity
 from compressor.pipeline.pass_manager import Pipeline
 from compressor.passes import SliceGPT
-from compressor.export.validate_lm import program_logits
+from compressor.validation.lm import program_logits
 
 from .conftest import build, compress
 

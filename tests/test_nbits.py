@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from compressor.errors import UsageError
-from compressor.export.nbits import NBitsWeight, pack_codes, pack_zero_points, quantize_weight
-from compressor.export.nbits_graph import matmul_nbits_node
+from compressor.lower.nbits import NBitsWeight, pack_codes, pack_zero_points, quantize_weight
+from compressor.lower.nbits_graph import matmul_nbits_node
 
 
 def run_nbits(weight: NBitsWeight, x: np.ndarray, accuracy_level: int = 0, minimums: str = "fp32") -> np.ndarray:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from compressor.errors import UsageError
-from compressor.export.report import write_report
+from compressor.report.html import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,8 @@ from compressor import Pass, PassResult, Pipeline, register
 from compressor.program.capture import capture, graph_stats
 from compressor.errors import UsageError
 from compressor.program.handle import load
-from compressor.pipeline.pass_base import REGISTRY, get_pass, option_table
+from compressor.pipeline.pass_base import REGISTRY, option_table
+from compressor.pipeline.registry import get_pass
 from compressor.passes import TokenMerge
 from compressor.pipeline.recipe import parse_pass_spec
 
@@ -93,7 +94,7 @@ class LateMerge(Pass):
     Config = LateMergeConfig
     requires = frozenset({"encoder"})
 
-    def run(self, handle):
+    def run(self, handle, ctx):
         n = handle.num_layers
         handle.plan.merges = [0] * (n - self.config.layers) + [self.config.r] * self.config.layers
         return PassResult(modified=True, info={"schedule": handle.plan.merges})

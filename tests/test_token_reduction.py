@@ -10,7 +10,7 @@ import torch
 
 from compressor import Pipeline
 from compressor.errors import UsageError
-from compressor.export.compile import export_onnx
+from compressor.lower.onnx import export_onnx
 from compressor.models import NORMAL, PAD, PROTECTED
 from compressor.passes import TokenMerge, TokenPrune
 from compressor.program.capture import capture, graph_stats

@@ -81,9 +81,11 @@ def run(
     if samples is not None:
         parsed.validation["samples"] = samples
     if validate:
-        from compressor.export.validate import parse_validation_override
+        from compressor.targets import validation_key_types
+        from compressor.validation.bars import parse_validation_override
 
-        parsed.validation.update(parse_validation_override(spec) for spec in validate)
+        keys = validation_key_types()
+        parsed.validation.update(parse_validation_override(spec, keys) for spec in validate)
     if data is not None:
         parsed.data["calibration"] = calibration_path(data)
         parsed.data.pop("calibration_sha256", None)  # a manifest's recipe rerun on other data: record the new data
@@ -102,8 +104,8 @@ def run(
     if not output:
         raise UsageError("--output DIR is required (where the artifact is written)")
     check_output_free(Path(output), force)  # now, not after minutes of passes
-    from compressor.export.compile import check_output
-    from compressor.export.publish_lock import output_lock
+    from compressor.artifact.publish import check_output
+    from compressor.artifact.lock import output_lock
     from compressor.pipeline.build import run_recipe
 
     _building[:] = [Path(output)]
@@ -138,7 +140,7 @@ def calibration_path(path: str) -> str:
 def check_output_free(output: Path, force: bool) -> None:
     """The checks publishing makes at the end, made before any model is loaded: the folder is free (or --force
     replaces an artifact), and the nearest existing parent is a folder we can write into."""
-    from compressor.export.compile import check_output
+    from compressor.artifact.publish import check_output
 
     check_output(output, force)
     parent = output.absolute().parent
@@ -210,12 +212,12 @@ def bench(
 ) -> None:
     """time an artifact against dense baselines a user could run instead (same static shapes; dynamic shapes batched
     by length; onnxruntime-fused; fused INT8) on short, paragraph and long real text, interleaved in one run"""
-    from compressor.export.bench import bench_artifact
+    from compressor.measure.bench import bench_artifact
 
     err, out = consoles()
     providers = checked_providers(provider, allow_cpu_fallback, err)
     if genai is not None:
-        from compressor.export.genai_baseline import check_build
+        from compressor.measure.genai import check_build
 
         check_build(genai)  # the folder itself, before the artifact is read (its vocabulary is checked once it is)
     with progress_bars(err, "benchmarking") as bars:
@@ -253,7 +255,7 @@ def eval_(
     json_file: Annotated[Optional[str], typer.Option("--json", metavar="FILE", help="also write the results as JSON")] = None,
 ) -> None:
     """language models: perplexity of dense and compressed on a text file"""
-    from compressor.export.bench import eval_perplexity
+    from compressor.measure.bench import eval_perplexity
 
     err, out = consoles()
     with progress_bars(err, "evaluating") as bars:
@@ -272,7 +274,7 @@ def report(
         "--sweep", metavar="BENCH.json", help="a benchmark JSON with `rows` to plot too (repeatable)")] = None,
 ) -> None:
     """one self-contained HTML page: quality against measured speed, per-layer tokens and widths, table, recipes"""
-    from compressor.export.report import write_report
+    from compressor.report.html import write_report
 
     err, out = consoles()
     with err.status("drawing..."):
@@ -323,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
 def _stopped(what: str) -> str:
     """A signal's one line: whether the artifact was published before it came (publishing holds signals until both
     renames are done, so it is all or nothing)."""
-    from compressor.export.publish_lock import was_published
+    from compressor.artifact.lock import was_published
 
     done = [str(o) for o in _building if was_published(o)]
     return f"{what} after publishing {done[0]}" if done else f"{what}; nothing was published"

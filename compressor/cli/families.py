@@ -19,7 +19,7 @@ def model_families() -> list[dict]:
         row = rows.setdefault(cls.family, {"family": cls.family, "model_types": [], "modality": cls.modality,
                                            "passes": _applicable_passes(cls), "examples": []})
         row["model_types"] += [t for t in cls.model_types if t not in row["model_types"]]
-        for e in getattr(cls, "examples", None) or EXAMPLE_CHECKPOINTS.get(cls.family, ()):
+        for e in cls.examples or EXAMPLE_CHECKPOINTS.get(cls.family, ()):
             if e not in row["examples"]:
                 row["examples"].append(e)
     return list(rows.values())
@@ -29,11 +29,11 @@ def _applicable_passes(adapter_cls) -> list[str]:
     """Passes whose `requires` the family's capabilities meet (as a handle computes them, plus what applicable passes
     ensure), less those whose own check refuses the family on a stand-in that has the class's attributes only."""
     from compressor.program.handle import ModelHandle
-    from compressor.pipeline.pass_base import REGISTRY
+    from compressor.pipeline.registry import REGISTRY
 
     handle = ModelHandle(adapter_cls.__new__(adapter_cls), source=None, shapes={})
     caps, applies = set(handle.capabilities), []
-    only = getattr(adapter_cls, "supported_passes", None)  # a family that lists its passes (speech) takes no other
+    only = adapter_cls.supported_passes  # a family that lists its passes (speech) takes no other
     if only is not None:
         return sorted(n for n in only if n in REGISTRY)
     grew = True

@@ -79,7 +79,8 @@ def print_passes(out) -> None:
     from rich.table import Table
 
     import compressor.passes  # noqa: F401  (registers the bundled passes)
-    from compressor.pipeline.pass_base import REGISTRY, option_table
+    from compressor.pipeline.pass_base import option_table
+    from compressor.pipeline.registry import REGISTRY
 
     for name, cls in sorted(REGISTRY.items()):
         t = Table(title=f"{name}: {cls.summary}", title_justify="left")
@@ -148,7 +149,9 @@ def print_inspect(out, info: dict, path: str) -> None:
     else:
         t.add_row("params", fmt_params(info["params"]))
         t.add_row("FLOPs", f"{fmt_flops(info['flops'])} at {info['shapes']}")
-    if m["modality"] != "causal_lm":
+    from compressor.targets import target_for
+
+    if not target_for(m["modality"]).decoder:
         t.add_row("tokens per layer", " -> ".join(str(c) for c in info["token_counts"]))
     out.print(t)
 
@@ -185,7 +188,7 @@ def print_bench(out, result: dict, artifact: str) -> None:
             note += f"; no og.Generator row: {g['generator_skipped']}"
         out.print(note, markup=False, highlight=False, soft_wrap=True)
     if result.get("distributions"):
-        from compressor.export.baseline_bench import BASELINE_COLUMNS, baseline_rows
+        from compressor.measure.baseline_bench import BASELINE_COLUMNS, baseline_rows
 
         b = Table(title="speed-up of the artifact over each dense baseline, by real length distribution (above 1: faster)")
         for col in BASELINE_COLUMNS:

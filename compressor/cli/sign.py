@@ -20,7 +20,8 @@ def keygen(
 ) -> None:
     """make an Ed25519 key pair for signing artifacts: PREFIX.key stays on the build server, PREFIX.pub goes to
     devices (the same PEM files `openssl genpkey -algorithm ed25519` and `openssl pkey -pubout` write)"""
-    from compressor.runtime.signing import fingerprint, generate_keypair
+    from compressor.artifact.sign import generate_keypair
+    from compressor.runtime.signing import fingerprint
 
     key_path, pub_path = generate_keypair(out)
     consoles()[1].print(f"wrote {key_path} (private, mode 0600: keep it on the build server) and {pub_path} "
@@ -35,7 +36,8 @@ def sign(
 ) -> None:
     """sign an artifact: write ARTIFACT/manifest.sig, an Ed25519 signature over manifest.json (whose SHA-256s cover
     every file); the artifact is verified first, so a damaged one is never signed"""
-    from compressor.runtime.signing import fingerprint, private_key, sign_artifact
+    from compressor.artifact.sign import private_key, sign_artifact
+    from compressor.runtime.signing import fingerprint
 
     path = sign_artifact(artifact, key)
     consoles()[1].print(f"signed {artifact}: wrote {path} with key {fingerprint(private_key(key).public_key())}",

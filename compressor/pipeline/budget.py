@@ -30,6 +30,7 @@ from pathlib import Path
 
 from compressor.errors import UsageError, ValidationFailed
 from compressor.runtime.artifact import MANIFEST
+from compressor.targets import target_of
 
 KEYS = ("speedup", "flops", "params", "latency_ms")
 TOLERANCE = 0.05  # measured speed-up may miss the requested one by 5% (the issue's bar)
@@ -96,7 +97,9 @@ def check_budget_recipe(recipe) -> None:
     """A budget picks the passes: a recipe that names its own is refused (one line), before anything loads."""
     if recipe.passes:
         raise UsageError("--budget picks the passes itself; give either --budget or passes (--pass or a recipe's [[passes]]), not both")
-    if modality_of(recipe) == "audio":
+    from compressor.pipeline.recipe import recipe_target
+
+    if recipe_target(recipe).speech:
         raise UsageError("--budget does not apply to speech models yet; give token_merge a rate (e.g. --pass token_merge:r=150)")
 
 
@@ -106,7 +109,7 @@ def passes_for(handle, keep_flops: float | None = None, keep_params: float | Non
 
     if keep_params is not None:
         return [WidthPrune(params=keep_params)]
-    if handle.adapter.modality == "causal_lm":
+    if handle.target.decoder:
         return [WidthPrune(flops=keep_flops)]
     reachable = max_token_reduction(handle)
     if 1.0 - keep_flops <= reachable:
@@ -130,8 +133,8 @@ def max_token_reduction(handle) -> float:
 def run_budget(recipe, budget: Budget, output, *, force: bool = False, progress=None, log=None) -> dict:
     """Build the artifact for `budget`; returns its manifest (with the `budget` section). `log` receives one line per
     attempt of a measured budget (what was kept, what was measured and how noisy the timing was)."""
-    from compressor.export.compile import check_output
-    from compressor.export.publish_lock import output_lock
+    from compressor.artifact.publish import check_output
+    from compressor.artifact.lock import output_lock
 
     check_budget_recipe(recipe)
     output = Path(output)
@@ -141,22 +144,22 @@ def run_budget(recipe, budget: Budget, output, *, force: bool = False, progress=
 
 
 def _run_budget_locked(recipe, budget: Budget, output: Path, progress, log) -> dict:
-    from compressor.export.compile import compile_artifact, publish
-    from compressor.pipeline.pass_manager import Pipeline
+    from compressor.artifact.publish import publish
+    from compressor.pipeline.build import build as build_once
     from compressor.pipeline.recipe import resolve_recipe
-    from compressor.program.handle import load
-    from compressor.sources.data import attach_calibration
 
     step = progress or (lambda msg: None)
-    resolve_recipe(recipe)
+    resolved = [resolve_recipe(recipe)]  # the INT8 retry swaps in the same recipe with other [export] rewrites
 
     def build(keep: float | None, folder: Path) -> dict:
-        handle = load(recipe.source, **recipe.export)
-        attach_calibration(handle, recipe.data)
-        passes = passes_for(handle, keep_params=budget.value) if budget.key == "params" else passes_for(handle, keep_flops=keep)
-        Pipeline(passes).run(handle)
-        return compile_artifact(handle, folder, recipe.validation, force=True, data=recipe.data,
-                                recipe={**recipe.to_dict(), "budget": budget.to_json()}, progress=progress)
+        def chosen(handle):
+            return passes_for(handle, keep_params=budget.value) if budget.key == "params" else passes_for(handle, keep_flops=keep)
+
+        return build_once(resolved[0], folder, passes=chosen, force=True, progress=progress,
+                          record={"budget": budget.to_json()})
+
+    def with_int8() -> None:
+        resolved[0] = resolved[0].with_options(dict(INT8))
 
     scratch = [output.with_name(f".{output.name}.budget-{i}") for i in range(ATTEMPTS)]
     try:
@@ -165,7 +168,7 @@ def _run_budget_locked(recipe, budget: Budget, output: Path, progress, log) -> d
             chosen, measured = scratch[0], analytic_measure(manifest)
             missed = max(0.0, measured[budget.key] - budget.value) / budget.value  # a ceiling: keeping less is meeting it
         else:
-            chosen, manifest, measured, missed = search_speed_with_int8(recipe, budget, build, scratch, step, log)
+            chosen, manifest, measured, missed = search_speed_with_int8(resolved[0], budget, build, scratch, step, log, with_int8)
         manifest["budget"] = {"requested": budget.to_json(), "measured": measured, "within_tolerance": missed <= budget.tolerance}
         if missed > budget.tolerance:
             raise ValidationFailed(f"budget missed: requested {budget.key}={budget.value}, measured {measured[budget.key]:.3g} "
@@ -194,35 +197,21 @@ def noise_note(measured: dict, budget: Budget) -> str:
 INT8 = {"fuse": True, "quantize": "int8-dynamic"}
 
 
-def search_speed_with_int8(recipe, budget: Budget, build, scratch: list[Path], step, log=None):
+def search_speed_with_int8(resolved, budget: Budget, build, scratch: list[Path], step, log=None, with_int8=None):
     """The speed search as the recipe exports; for an encoder whose recipe sets no deployment rewrites, if that
     misses (or every attempt fails validation), once more with fusions and INT8 weights, which buy speed for less
     quality than more token reduction does (the recipe's validation bars still apply)."""
     try:
         found = search_speed(budget, build, scratch, step, log)
-        if found[3] <= budget.tolerance or recipe.deploy or is_language_model(recipe):
+        if found[3] <= budget.tolerance or resolved.recipe.deploy or resolved.target.decoder:
             return found
     except ValidationFailed:
-        if recipe.deploy or is_language_model(recipe):
+        if resolved.recipe.deploy or resolved.target.decoder:
             raise
     step("merging alone misses the budget: searching again with fusions and INT8 weights")
     (log or (lambda line: None))("budget: merging alone misses it; searching again with fusions and INT8 weights")
-    recipe.deploy = dict(INT8)
+    with_int8()
     return search_speed(budget, build, scratch, step, log)
-
-
-def is_language_model(recipe) -> bool:
-    """From the folder's config alone (no weights loaded). The fusions + INT8 retry is for encoders, where it buys
-    speed for less quality than more token reduction; a language model's budget drives width pruning, and its INT8
-    is the recipe's choice ([export] quantize), since it costs perplexity the budget does not see."""
-    return modality_of(recipe) == "causal_lm"
-
-
-def modality_of(recipe) -> str:
-    from compressor.models import adapter_for
-    from compressor.sources.source import read_model_type, resolve_folder
-
-    return adapter_for(read_model_type(resolve_folder(recipe.source), recipe.source)).modality
 
 
 def analytic_measure(manifest: dict) -> dict:
@@ -283,14 +272,14 @@ def measure_speed(folder: Path, against: str, precision: float = TOLERANCE / 2) 
     a 512-token prefill, text encoders on passages that fill the compiled length (static: one held-out batch),
     images on held-out images. Timed by time_paired (interleaved, ratio of medians, rounds added while the spread is
     wide); `spread`, `uncertainty` and `rounds` say how noisy the machine was."""
-    from compressor.export.timing import time_paired
+    from compressor.measure.timing import time_paired
     from compressor.runtime.artifact import read_manifest
 
     folder = Path(folder)
     manifest = read_manifest(folder)
     runs, what = speed_runners(folder, manifest, against)
     got = time_paired(runs, "dense", precision=precision,
-                      **({"min_rounds": 5, "max_rounds": 24} if manifest["preprocess"]["kind"] == "causal_lm" else {}))
+                      **({"min_rounds": 5, "max_rounds": 24} if target_of(manifest).decoder else {}))
     return {"against": against, "distribution": what, "dense_ms": got["ms"]["dense"],
             "compressed_ms": got["ms"]["compressed"], "speedup": got["ratio"]["compressed"],
             "spread": got["spread"]["compressed"], "uncertainty": got["uncertainty"]["compressed"], "rounds": got["rounds"]}
@@ -298,13 +287,13 @@ def measure_speed(folder: Path, against: str, precision: float = TOLERANCE / 2) 
 
 def speed_runners(folder: Path, manifest: dict, against: str, threads: int = 2) -> tuple[dict, str]:
     """Zero-argument callables for the dense deployment ("dense") and the artifact ("compressed"), and what they run."""
-    from compressor.export.bench import dense_export
+    from compressor.measure.baselines import dense_export
     from compressor.runtime.model import make_session
 
     dense_path = dense_export(manifest)
-    if manifest["preprocess"]["kind"] == "causal_lm":
-        from compressor.export.baselines import dense_decoder_fused
-        from compressor.export.bench import _dense_decoder_layout
+    if target_of(manifest).decoder:
+        from compressor.measure.baselines import dense_decoder_fused
+        from compressor.measure.bench import _dense_decoder_layout
         from compressor.runtime.lm import CausalLM
         from compressor.sources.lm_data import held_out_windows
 
@@ -318,13 +307,13 @@ def speed_runners(folder: Path, manifest: dict, against: str, threads: int = 2) 
             "a 512-token prefill of held-out Wikipedia text"
     ours = make_session(folder / manifest["model_file"], threads=threads)
     if against == "static":
-        from compressor.export.bench import held_out_batch
+        from compressor.measure.bench import held_out_batch
 
         feeds = held_out_batch(folder, manifest)
         dense = make_session(dense_path, threads=threads)
         return {"dense": lambda: dense.run(None, feeds), "compressed": lambda: ours.run(None, feeds)}, "one held-out batch"
-    from compressor.export.baseline_bench import Batches, _preprocess, length_batches, length_distributions, static_batches
-    from compressor.export.baselines import dense_fused, dense_fused_int8
+    from compressor.measure.baseline_bench import Batches, _preprocess, length_batches, length_distributions, static_batches
+    from compressor.measure.baselines import dense_fused, dense_fused_int8
 
     dense = make_session(dense_fused(manifest)[0] if against == "fused" else dense_fused_int8(manifest), threads=threads)
     distributions = length_distributions(manifest, 2 * manifest["shapes"]["batch"])

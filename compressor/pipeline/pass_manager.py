@@ -1,7 +1,11 @@
 """The pass manager: runs passes in order, checks the model after each, times each and records the history.
 
-Instruments (after TVM's pass instruments) see every pass before and after it runs: the CLI uses one to show
-progress. Every record goes into the artifact's manifest so a build can be replayed.
+Before the first pass the list's ordering rules are checked (`check_order`); each pass is checked against the model
+(`Pass.check`: what it requires), runs with the pass context (`run(handle, ctx)`: calibration data, the reference
+model, latency measurement, progress), and must leave what it ensures (`check_ensures`), a static graph with the same
+output shape and finite outputs on the probe batch. Instruments (after TVM's pass instruments) see every pass before
+and after it runs: the CLI uses one to show progress. Every record goes into the artifact's manifest so a build can be
+replayed.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import torch
 
 from compressor.program.capture import capture, graph_stats
 from compressor.errors import CompressorError
-from compressor.pipeline.pass_base import Pass
+from compressor.pipeline.context import PassContext
+from compressor.pipeline.pass_base import Pass, check_ensures, check_order, measure_ensures
 
 
 class PassInstrument(Protocol):
@@ -43,7 +48,12 @@ class Pipeline:
         self.passes = list(passes)
         self.instruments = list(instruments or [])
 
-    def run(self, handle):
+    def run(self, handle, ctx: PassContext | None = None):
+        """Run the passes on `handle` (changed in place, and returned) with `ctx`, by default
+        `PassContext.for_handle(handle)`."""
+        check_order(self.passes)
+        if ctx is None:
+            ctx = PassContext.for_handle(handle)
         example = handle.example_inputs()
         stats = graph_stats(capture(handle.program(), example))
         if handle.baseline is None and not handle.history:
@@ -54,9 +64,11 @@ class Pipeline:
             p.check(handle)
             for ins in self.instruments:
                 ins.before_pass(p, i, len(self.passes))
+            before = measure_ensures(p, handle)
             start = time.perf_counter()
-            result = p.run(handle)
+            result = p.run(handle, ctx)
             seconds = time.perf_counter() - start
+            check_ensures(p, handle, before)
             after = graph_stats(capture(handle.program(), handle.example_inputs()))
             if not after.static:
                 raise CompressorError(f"after pass '{p.name}' the captured graph has dynamic shapes")

@@ -19,13 +19,14 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from compressor.errors import UsageError
-from compressor.pipeline.pass_base import Pass, make_pass
-from compressor.export.optimize import OPTIONS_KEYS, check_buckets, export_options
-from compressor.export.validate import VALIDATION_KEYS
+from compressor.pipeline.pass_base import Pass
+from compressor.pipeline.registry import make_pass
+from compressor.lower.optimize import OPTIONS_KEYS, ExportOptions, export_options
+from compressor.targets import Target, target_for, validation_keys
 
 SECTIONS = {"model", "passes", "export", "validation", "data"}
 EXPORT_KEYS = {"batch", "seq_len", "image_size"}
@@ -38,7 +39,7 @@ class Recipe:
     passes: list[Pass] = field(default_factory=list)
     export: dict = field(default_factory=dict)  # compile shapes only: they go to the handle
     deploy: dict = field(default_factory=dict)  # [export] fuse / quantize / per_channel: applied to the lowered graph
-    validation: dict = field(default_factory=dict)  # raw; typed per modality by validation_config()
+    validation: dict = field(default_factory=dict)  # raw; typed by the target once the model kind is known
     data: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -85,7 +86,7 @@ def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
     export = _table(raw, "export", EXPORT_KEYS | OPTIONS_KEYS, where)
     deploy = {k: export.pop(k) for k in OPTIONS_KEYS if k in export}
     export_options(deploy, f"{where}: [export]")  # checked now: a typo fails before any work
-    validation = _table(raw, "validation", VALIDATION_KEYS, where)
+    validation = _table(raw, "validation", validation_keys(), where)
     data = _table(raw, "data", DATA_KEYS, where)
     return Recipe(model["source"], passes, export, deploy=deploy, validation=validation, data=data)
 
@@ -131,34 +132,73 @@ def parse_pass_spec(spec: str) -> Pass:
     return make_pass(name.strip(), options)
 
 
-def resolve_recipe(recipe: Recipe) -> Recipe:
-    """Fill in the defaults that depend on the model (compile shapes, validation thresholds) without loading it."""
-    from dataclasses import asdict
+@dataclass(frozen=True)
+class ResolvedRecipe:
+    """A recipe with every default filled in and checked, once, before any model loads: what `run`, `--budget` and
+    the benchmarks build from. `recipe` is the same recipe with those defaults written back (the manifest records it)."""
 
+    recipe: Recipe
+    target: Target
+    shapes: dict  # compile shapes
+    options: ExportOptions  # [export] deployment rewrites
+    validation: object  # the target's typed bars
+    data: dict  # [data], calibration path absolute and hashed
+
+    @property
+    def source(self) -> str:
+        return self.recipe.source
+
+    @property
+    def passes(self) -> list[Pass]:
+        return self.recipe.passes
+
+    def with_options(self, raw: dict) -> "ResolvedRecipe":
+        """The same build with other deployment rewrites (the budget search's INT8 retry), checked as the recipe's."""
+        from dataclasses import replace
+
+        options = export_options(raw)
+        self.target.check_export(options, self.shapes)
+        self.recipe.deploy = dict(raw)
+        return replace(self, options=options)
+
+    def to_dict(self) -> dict:
+        return self.recipe.to_dict()
+
+    def to_toml(self) -> str:
+        return self.recipe.to_toml()
+
+
+def recipe_target(recipe: Recipe) -> Target:
+    """The kind of model the recipe's source is, from its config alone (no weights loaded)."""
     from compressor.models import adapter_for
-
-    from compressor.program.handle import check_shapes
     from compressor.sources.source import read_model_type, resolve_folder
-    from compressor.export.validate import validation_config
 
-    folder = resolve_folder(recipe.source)
-    modality = adapter_for(read_model_type(folder, recipe.source)).modality
-    recipe.export = check_shapes(modality, recipe.export)
-    check_buckets(export_options(recipe.deploy), modality, recipe.export.get("seq_len"))  # before the passes run
-    if modality == "audio" and export_options(recipe.deploy).active:
-        raise UsageError("[export] fuse/quantize do not apply to speech artifacts yet (they ship as lowered); remove them")
-    recipe.validation = asdict(validation_config(modality, recipe.validation))
-    recipe.data = resolve_data(recipe.data, modality, recipe.passes)
-    return recipe
+    return target_for(adapter_for(read_model_type(resolve_folder(recipe.source), recipe.source)).modality)
 
 
-def resolve_data(data: dict, modality: str, passes) -> dict:
+def resolve_recipe(recipe: Recipe) -> ResolvedRecipe:
+    """Fill in and check the defaults that depend on the model's kind (compile shapes, export options, validation
+    bars, pass order, calibration data) from its config alone, without loading weights."""
+    from compressor.pipeline.pass_base import check_order
+
+    target = recipe_target(recipe)
+    check_order(recipe.passes)
+    recipe.export = target.check_shapes(recipe.export)
+    options = export_options(recipe.deploy)
+    target.check_export(options, recipe.export)  # before the passes run
+    validation = target.validation_config(recipe.validation)
+    recipe.validation = asdict(validation)
+    recipe.data = resolve_data(recipe.data, target, recipe.passes)
+    return ResolvedRecipe(recipe, target, dict(recipe.export), options, validation, dict(recipe.data))
+
+
+def resolve_data(data: dict, target: Target, passes) -> dict:
     """`[data] calibration` checked before any model loads (exists, right kind, enough for the passes, held apart
     from the validation data), its path made absolute and its content's sha256 recorded beside it: the manifest's
     recipe then says which data calibrated the artifact, and a rerun refuses data that changed."""
     from compressor.sources.data import check_calibration
 
-    cal = check_calibration(data, modality, passes)
+    cal = check_calibration(data, target, passes)
     if cal is None:
         return data
     return {**data, "calibration": cal.path, "calibration_sha256": cal.sha256}

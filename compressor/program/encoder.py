@@ -14,7 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from compressor.models import PAD, ModelAdapter
+from compressor.models.base import PAD
+from compressor.models.capabilities import EncoderAdapter
 
 from compressor.program.merging import bipartite_soft_matching, pitome_margin, pitome_matching
 from compressor.program.pruning import attention_received, cls_attention, prune_tokens
@@ -69,7 +70,7 @@ class TokenPlan:
 
 
 class EncoderProgram(nn.Module):
-    def __init__(self, adapter: ModelAdapter, plan: TokenPlan | None = None):
+    def __init__(self, adapter: EncoderAdapter, plan: TokenPlan | None = None):
         super().__init__()
         self.adapter = adapter
         self.model = adapter.model  # registered so export sees the parameters

@@ -8,17 +8,8 @@ import torch
 
 from compressor.models import ModelAdapter
 
-from compressor.errors import UsageError
-from compressor.program.encoder import EncoderProgram, TokenPlan
+from compressor.program.encoder import TokenPlan
 from compressor.sources.source import SourceInfo, load_source
-
-DEFAULT_SHAPES = {
-    "text": {"batch": 16, "seq_len": 128},
-    "image": {"batch": 8, "image_size": [224, 224]},
-    "causal_lm": {"batch": 1, "seq_len": 128},  # the probe/capture shape; LM graphs keep batch and lengths dynamic
-    "audio": {"batch": 1},  # one 30 s window per encoder call (speech artifacts transcribe one clip at a time)
-}
-
 
 @dataclass
 class ModelHandle:
@@ -31,10 +22,17 @@ class ModelHandle:
     baseline: object = None  # GraphStats of the model as loaded, set by the first pipeline run
 
     @property
+    def target(self):
+        """What this kind of model compiles into (compressor.targets): the stages ask it, not the modality string."""
+        from compressor.targets import target_for
+
+        return target_for(self.adapter.modality)
+
+    @property
     def capabilities(self) -> set[str]:
         ad = self.adapter
         caps = {ad.modality, ad.family, f"{ad.norm_placement}_norm"}
-        caps.add("decoder" if ad.modality == "causal_lm" else "encoder")
+        caps.add("decoder" if self.target.decoder else "encoder")
         if self.plan.active:
             caps.add("token_plan")
         return caps
@@ -49,11 +47,11 @@ class ModelHandle:
 
     def program(self, dense: bool = False) -> torch.nn.Module:
         """The exportable forward; `dense=True` ignores the token plan (the baseline)."""
-        if self.adapter.modality == "causal_lm":
-            from compressor.program.decoder import DecoderProgram
+        return self.target.program(self, dense)
 
-            return DecoderProgram(self.adapter)
-        return EncoderProgram(self.adapter, TokenPlan() if dense else self.plan)
+    def reloaded(self) -> "ModelHandle":
+        """The source model loaded again at the same shapes: the original that validation compares against."""
+        return load(self.source.reload_spec, **self.shapes)
 
     def input_specs(self):
         return self.adapter.input_specs(self.shapes)
@@ -63,38 +61,14 @@ class ModelHandle:
             from compressor.sources.inputs import make_feeds
 
             self.probe_inputs = make_feeds(self, "probe")
-        if self.adapter.modality == "causal_lm":  # the dummy past follows the blocks' current key/value heads
-            from compressor.program.decoder import prefill_inputs
-
-            return prefill_inputs(self.adapter, self.probe_inputs[0])
-        return self.probe_inputs
-
-
-def check_shapes(modality: str, shapes: dict) -> dict:
-    merged = {**DEFAULT_SHAPES[modality], **{k: v for k, v in shapes.items() if v is not None}}
-    allowed = set(DEFAULT_SHAPES[modality])
-    extra = set(merged) - allowed
-    if extra:
-        raise UsageError(f"export shape key(s) {sorted(extra)} do not apply to a {modality} model (use {sorted(allowed)})")
-    if not isinstance(merged["batch"], int) or merged["batch"] < 1:
-        raise UsageError(f"export batch must be a positive integer, got {merged['batch']!r}")
-    if modality == "audio" and merged["batch"] != 1:
-        raise UsageError(f"export batch must be 1 for a speech model (one 30 s window per call), got {merged['batch']!r}")
-    if modality in ("text", "causal_lm") and (not isinstance(merged["seq_len"], int) or not 8 <= merged["seq_len"] <= 512):
-        raise UsageError(f"export seq_len must be an integer in 8..512, got {merged['seq_len']!r}")
-    if modality == "image":
-        size = merged["image_size"]
-        if isinstance(size, int):
-            size = [size, size]
-        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and s >= 14 for s in size)):
-            raise UsageError(f"export image_size must be [height, width] (or one int), got {merged['image_size']!r}")
-        merged["image_size"] = size
-    return merged
+        return self.target.example_inputs(self)
 
 
 def load(source: str, **shapes) -> ModelHandle:
     """Load a model source (folder or example:NAME) into a handle with compile shapes (defaults per modality)."""
     adapter, info = load_source(source)
-    shapes = check_shapes(adapter.modality, shapes)
+    from compressor.targets import target_for
+
+    shapes = target_for(adapter.modality).check_shapes(shapes)
     adapter.prepare(shapes)
     return ModelHandle(adapter, info, shapes)

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from compressor.models.whisper import WhisperAdapter
+from compressor.models.capabilities import SpeechAdapter
 from compressor.program.encoder import EncoderProgram, TokenPlan
 
 MASK_BIAS = -1e9
@@ -26,7 +26,7 @@ PREFIX_TOKENS = ("<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimes
 
 
 class SpeechEncoderProgram(nn.Module):
-    def __init__(self, adapter: WhisperAdapter, plan: TokenPlan | None = None):
+    def __init__(self, adapter: SpeechAdapter, plan: TokenPlan | None = None):
         super().__init__()
         self.inner = EncoderProgram(adapter, plan)
         self.model = adapter.model
@@ -37,7 +37,7 @@ class SpeechEncoderProgram(nn.Module):
 
 
 class CrossKVProgram(nn.Module):
-    def __init__(self, adapter: WhisperAdapter):
+    def __init__(self, adapter: SpeechAdapter):
         super().__init__()
         self.adapter = adapter
         self.layers = adapter.decoder.layers
@@ -66,7 +66,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
 class WhisperDecoderProgram(nn.Module):
     """One decoder call; inputs (input_ids, frame_sizes, *cross k/v per layer, *past k/v per layer)."""
 
-    def __init__(self, adapter: WhisperAdapter, proportional: bool = True):
+    def __init__(self, adapter: SpeechAdapter, proportional: bool = True):
         super().__init__()
         self.adapter = adapter
         self.decoder = adapter.decoder
@@ -99,7 +99,7 @@ class WhisperDecoderProgram(nn.Module):
         return (logits, *presents)
 
 
-def empty_past(adapter: WhisperAdapter, batch: int = 1) -> list[torch.Tensor]:
+def empty_past(adapter: SpeechAdapter, batch: int = 1) -> list[torch.Tensor]:
     """The one-slot dummy past of a first call (always masked)."""
     c = adapter.config
     hd = c.d_model // c.decoder_attention_heads
@@ -116,7 +116,7 @@ def suppressed_logits(logits: torch.Tensor, config, first: bool) -> torch.Tensor
 
 
 @torch.no_grad()
-def greedy_transcribe(adapter: WhisperAdapter, plan: TokenPlan | None, features: torch.Tensor, prefix: list[int],
+def greedy_transcribe(adapter: SpeechAdapter, plan: TokenPlan | None, features: torch.Tensor, prefix: list[int],
                       max_new_tokens: int = 96, proportional: bool = True) -> list[int]:
     """Greedy decoding of one clip (B = 1) with our programs: the token ids after the prefix, end of text excluded."""
     hidden, sizes = SpeechEncoderProgram(adapter, plan)(features)

@@ -175,20 +175,20 @@ class CalibrationData:
         return [open_image(files[i]) for i in self._chosen(samples, seed, option)]
 
 
-def calibration_data(data: dict | None, modality: str) -> CalibrationData | None:
+def calibration_data(data: dict | None, target) -> CalibrationData | None:
     """The recipe's `[data] calibration`, checked for this kind of model (None: the built-in calibration data)."""
     path = (data or {}).get("calibration")
     if path is None:
         return None
     if not isinstance(path, str) or not path:
         raise UsageError(f"[data] calibration must be a path (a text file or a folder of images), got {path!r}")
-    if modality == "audio":
+    if not target.calibrates:
         raise UsageError("[data] calibration: no pass of a speech model calibrates on data (Whisper takes token_merge, "
                          "whose rate is fixed); remove it")
     p = Path(path).expanduser().absolute()
     if not p.exists():
         raise UsageError(f"[data] calibration '{path}' does not exist")
-    if modality == "image":
+    if target.image:
         files = image_files(p, "[data] calibration")
         h = hashlib.sha256()
         for f in files:
@@ -198,26 +198,16 @@ def calibration_data(data: dict | None, modality: str) -> CalibrationData | None
     return CalibrationData(str(p), "text", unit, len(samples), sha256_of(p))
 
 
-def calibration_requests(passes, modality: str) -> list[tuple[str, str, int]]:
+def calibration_requests(passes, target) -> list[tuple[str, str, int]]:
     """(pass, option, inputs asked) for each pass of a recipe that reads calibration data; language models ask in
     windows of tokens, checked when the pass runs (its tokenizer counts them)."""
-    out = []
-    for p in passes:
-        cfg = getattr(p, "config", None)
-        if p.name in ("width_prune", "slicegpt", "learned_rates") or (p.name == "layer_prune" and cfg.metric != "depth"):
-            out.append((p.name, "calibration_samples", cfg.calibration_samples))
-        elif p.name == "distill":
-            if modality == "causal_lm":
-                out.append((p.name, "steps x batch", cfg.steps * cfg.batch))
-            else:
-                out.append((p.name, "samples + eval_samples", cfg.samples + cfg.eval_samples))
-    return out
+    return [(p.name, *need) for p in passes if (need := p.calibration_need(target))]
 
 
-def check_calibration(data: dict, modality: str, passes) -> CalibrationData | None:
+def check_calibration(data: dict, target, passes) -> CalibrationData | None:
     """Everything about `[data] calibration` that can be checked before a model loads, in one line each: the path,
     that a pass reads it, that it holds what the passes ask (encoders), that validation data is held apart."""
-    cal = calibration_data(data, modality)
+    cal = calibration_data(data, target)
     if cal is None:
         if data.get("calibration_sha256") is not None:
             raise UsageError("[data] calibration_sha256 is given without calibration = PATH")
@@ -226,17 +216,17 @@ def check_calibration(data: dict, modality: str, passes) -> CalibrationData | No
     if recorded is not None and recorded != cal.sha256:
         raise UsageError(f"[data] calibration '{cal.path}' changed since this recipe was resolved (sha256 "
                          f"{cal.sha256[:12]}, recorded {str(recorded)[:12]}); drop calibration_sha256 to accept it")
-    requests = calibration_requests(passes, modality)
+    requests = calibration_requests(passes, target)
     if passes and not requests:
         names = ", ".join(sorted({p.name for p in passes}))
         raise UsageError(f"[data] calibration: no pass of this recipe calibrates on data ({names}); remove it, or add "
                          f"width_prune, layer_prune, slicegpt, learned_rates or distill")
-    if modality != "causal_lm":
+    if not target.decoder:
         for name, option, asked in requests:
             if asked > cal.count:
                 raise UsageError(f"[data] calibration '{cal.path}' holds {cal.count} {cal.unit}; {name} {option} asks "
                                  f"for {asked}: add data or lower {option}")
-    check_held_apart(cal, data.get("images" if modality == "image" else "texts"))
+    check_held_apart(cal, data.get(target.held_out_key))
     return cal
 
 
@@ -249,7 +239,7 @@ def check_held_apart(cal: CalibrationData, validation: str | None) -> None:
     if v == Path(cal.path) or (v.exists() and Path(cal.path).exists() and v.resolve() == Path(cal.path).resolve()):
         raise UsageError(f"{same} name the same data ('{validation}'): validation must be held out from calibration; "
                          f"split it (e.g. 80/20), or drop one of them to use the built-in set")
-    if cal.kind == "text" and v.is_file() and sha256_of(v) == cal.sha256:
+    if cal.kind != "images" and v.is_file() and sha256_of(v) == cal.sha256:
         raise UsageError(f"{same} are the same text ('{validation}' and '{cal.path}'): validation must be held out "
                          f"from calibration; split it")
     if cal.kind == "images" and v.is_dir():
@@ -262,7 +252,7 @@ def check_held_apart(cal: CalibrationData, validation: str | None) -> None:
 def attach_calibration(handle, data: dict | None) -> None:
     """Give a loaded model the recipe's calibration data (None: the built-in sets); every calibrating pass then
     draws from it through compressor.sources.inputs.calibration_inputs. `run_recipe` calls this after `load`."""
-    cal = calibration_data(data, handle.adapter.modality)
+    cal = calibration_data(data, handle.target)
     recorded = (data or {}).get("calibration_sha256")
     if cal is not None and recorded is not None and recorded != cal.sha256:
         raise UsageError(f"[data] calibration '{cal.path}' changed while the recipe ran (sha256 {cal.sha256[:12]}, "

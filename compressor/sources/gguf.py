@@ -164,3 +164,8 @@ def source_gguf(folder: Path) -> Path | None:
     from compressor.runtime.artifact import sha256_of
 
     return path if sha256_of(path) == record.get("gguf_sha256") else None
+
+
+def gguf_for(folder) -> Path | None:
+    """The GGUF file behind a model folder (a converted user GGUF or a GGUF-based example), or None."""
+    return source_gguf(Path(folder))

@@ -2,7 +2,7 @@
 
 GGUF stores a linear's weight as rows of n along k in blocks; MatMulNBits cuts each output row into blocks along k
 too, so a block's codes, scale and zero point move over one for one. onnxruntime 1.32's CPU kernel reads
-w = (q - zp) * scale (see compressor/export/nbits.py) with zp a packed uint8, a float (4-bit only: the CPU kernel
+w = (q - zp) * scale (see compressor/lower/nbits.py) with zp a packed uint8, a float (4-bit only: the CPU kernel
 refuses 8-bit weights with float zero points), or the default 2^(bits-1). Hence:
 
     Q4_0  w = d (q - 8)             4-bit, block 32, default zp 8
@@ -30,11 +30,10 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from compressor.export.nbits import NBitsWeight, pack_codes
+from compressor.lower.nbits import NBitsWeight, pack_codes
 
 
 @dataclass
@@ -214,7 +213,7 @@ def to_nbits(t: GGUFTensor, split_zero_points: bool = False) -> NBitsWeight | No
 
     Q5_1 / Q5_K give 8-bit weights with float zero points, which the CPU kernel refuses as MatMulNBits inputs: they
     are carried only for a lowering that splits float zero points off (`split_zero_points=True`, as
-    compressor.export.nbits_graph.emit_matmul_nbits does by default)."""
+    compressor.lower.nbits_graph.emit_matmul_nbits does by default)."""
     from gguf.constants import GGMLQuantizationType as Q
 
     qt = t.qtype
@@ -313,10 +312,3 @@ def exact_type(t: GGUFTensor, split_zero_points: bool = False) -> bool:
     if t.qtype in (Q.Q5_1, Q.Q5_K):
         return split_zero_points and (t.qtype == Q.Q5_1 or t.k % 256 == 0)
     return t.qtype in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_0) or (t.qtype in (Q.Q4_K, Q.Q6_K) and t.k % 256 == 0)
-
-
-def gguf_for(folder) -> Path | None:
-    """The GGUF file behind a model folder (a converted user GGUF or a GGUF-based example), or None."""
-    from compressor.sources.gguf import source_gguf
-
-    return source_gguf(Path(folder))

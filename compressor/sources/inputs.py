@@ -18,10 +18,17 @@ from compressor.sources import data
 
 
 def preprocessor(handle):
+    """The runtime's own pre-processing for this handle's inputs (its target says which)."""
+    return handle.target.preprocessor(handle)
+
+
+def text_preprocessor(handle) -> TextPreprocessor:
     pre = handle.adapter.preprocess_config(handle.shapes)
-    if pre["kind"] == "text":
-        return TextPreprocessor(Path(handle.adapter.folder) / pre["tokenizer"], handle.shapes["seq_len"], pre["pad_id"])
-    return ImagePreprocessor.from_config(pre)
+    return TextPreprocessor(Path(handle.adapter.folder) / pre["tokenizer"], handle.shapes["seq_len"], pre["pad_id"])
+
+
+def image_preprocessor(handle) -> ImagePreprocessor:
+    return ImagePreprocessor.from_config(handle.adapter.preprocess_config(handle.shapes))
 
 
 def wiki_windows(count: int, words: int) -> list[str]:
@@ -51,14 +58,20 @@ def raw_samples(handle, part: str, count: int, source: str | None = None) -> lis
     else the bundled real data sets (validation texts fill the compiled length; probe texts are Lee background
     sentences; images are natural photographs: probe crops from the calibration photos, held-out validation photos
     from other packages)."""
-    if handle.adapter.modality == "text":
-        if source:
-            texts = data.read_text_file(source)
-        elif part == "validation":
-            texts = validation_texts(count, handle.shapes["seq_len"])
-        else:
-            texts = data.text_split(part, count)
-        return (texts * (count // len(texts) + 1))[:count]
+    return handle.target.raw_samples(handle, part, count, source)
+
+
+def text_samples(handle, part: str, count: int, source: str | None = None) -> list[str]:
+    if source:
+        texts = data.read_text_file(source)
+    elif part == "validation":
+        texts = validation_texts(count, handle.shapes["seq_len"])
+    else:
+        texts = data.text_split(part, count)
+    return (texts * (count // len(texts) + 1))[:count]
+
+
+def image_samples(handle, part: str, count: int, source: str | None = None) -> list:
     if source:
         images = data.read_image_folder(source, count)
         return (images * (count // len(images) + 1))[:count]
@@ -87,34 +100,47 @@ def calibration_inputs(handle, samples: int, length: int = 256, seed: int = 42, 
     calibration photographs (`photos.py`). Language models: `samples` windows of `length` tokens at seeded random
     offsets in the user's text or the Wikipedia calibration articles. Drawn with `seed`; `option` and `length_option`
     name the pass options that asked, in the one-line refusal when the data holds too little."""
-    ad = handle.adapter
+    return handle.target.calibration_inputs(handle, samples, length, seed, option, length_option)
+
+
+def lm_calibration(handle, samples: int, length: int, seed: int, option: str, length_option: str) -> tuple[torch.Tensor]:
+    """Language models: `samples` windows of `length` tokens at seeded random offsets in the user's text or the
+    Wikipedia calibration articles."""
+    from compressor.sources.lm_data import calibration_windows
+
     user = getattr(handle, "calibration", None)
-    if ad.modality == "causal_lm":
-        from compressor.sources.lm_data import calibration_windows
+    return (calibration_windows(handle.adapter.tokenizer_file, samples, length, seed, user, option, length_option),)
 
-        return (calibration_windows(ad.tokenizer_file, samples, length, seed, user, option, length_option),)
-    if ad.modality == "audio":
-        raise UsageError("speech models take no calibration data (their passes calibrate on none)")
-    if ad.modality == "text":
-        if user is not None:
-            raw = user.texts(samples, seed, option)
-        else:
-            paragraphs = wiki_paragraphs()
-            if samples > len(paragraphs):
-                raise UsageError(f"{option} must be at most {len(paragraphs)} for text encoders (Wikipedia calibration "
-                                 f"paragraphs of {MIN_PARAGRAPH_WORDS}+ words), got {samples}; or give your own: "
-                                 f"[data] calibration = \"FILE\"")
-            g = torch.Generator().manual_seed(seed)
-            raw = [paragraphs[int(i)] for i in torch.randperm(len(paragraphs), generator=g)[:samples]]
-    elif user is not None:
-        raw = user.images(samples, seed, option)
-    else:
-        from compressor.sources.photos import calibration_crops
 
-        if samples > MAX_BUILTIN_IMAGES:
-            raise UsageError(f"{option} must be at most {MAX_BUILTIN_IMAGES} with the built-in calibration photographs "
-                             f"(crops of 13 photos), got {samples}; or give your own: [data] calibration = \"FOLDER\"")
-        raw = calibration_crops(samples, seed, size=handle.shapes["image_size"])
+def text_calibration(handle, samples: int, seed: int, option: str) -> list[str]:
+    """Text encoders: `samples` lines or paragraphs of the user's file, or Wikipedia calibration paragraphs."""
+    user = getattr(handle, "calibration", None)
+    if user is not None:
+        return user.texts(samples, seed, option)
+    paragraphs = wiki_paragraphs()
+    if samples > len(paragraphs):
+        raise UsageError(f"{option} must be at most {len(paragraphs)} for text encoders (Wikipedia calibration "
+                         f"paragraphs of {MIN_PARAGRAPH_WORDS}+ words), got {samples}; or give your own: "
+                         f"[data] calibration = \"FILE\"")
+    g = torch.Generator().manual_seed(seed)
+    return [paragraphs[int(i)] for i in torch.randperm(len(paragraphs), generator=g)[:samples]]
+
+
+def image_calibration(handle, samples: int, seed: int, option: str) -> list:
+    """Vision encoders: `samples` images of the user's folder, or random crops of the built-in calibration photos."""
+    user = getattr(handle, "calibration", None)
+    if user is not None:
+        return user.images(samples, seed, option)
+    from compressor.sources.photos import calibration_crops
+
+    if samples > MAX_BUILTIN_IMAGES:
+        raise UsageError(f"{option} must be at most {MAX_BUILTIN_IMAGES} with the built-in calibration photographs "
+                         f"(crops of 13 photos), got {samples}; or give your own: [data] calibration = \"FOLDER\"")
+    return calibration_crops(samples, seed, size=handle.shapes["image_size"])
+
+
+def as_inputs(handle, raw: list) -> tuple[torch.Tensor, ...]:
+    """Raw texts or images pre-processed as the runtime does, as the program's input tensors."""
     feeds = preprocessor(handle)(raw)
     return tuple(torch.from_numpy(feeds[s.name]) for s in handle.input_specs())
 
@@ -122,16 +148,7 @@ def calibration_inputs(handle, samples: int, length: int = 256, seed: int = 42, 
 def calibration_description(handle) -> str:
     """What `calibration_inputs` reads for this handle, for pass records and manifests."""
     user = getattr(handle, "calibration", None)
-    if user is not None:
-        return user.describe()
-    modality = handle.adapter.modality
-    if modality == "image":
-        from compressor.sources.photos import CALIBRATION_DESCRIPTION
-
-        return CALIBRATION_DESCRIPTION
-    if modality == "text":
-        return "Wikipedia calibration paragraphs (gensim test data, first 80% of the articles)"
-    return "token windows of the Wikipedia calibration articles (gensim test data, first 80%)"
+    return user.describe() if user is not None else handle.target.calibration_description
 
 
 def feed_batches(handle, part: str, count: int, source: str | None = None) -> list[dict[str, np.ndarray]]:
@@ -144,15 +161,9 @@ def feed_batches(handle, part: str, count: int, source: str | None = None) -> li
 
 def make_feeds(handle, part: str = "probe", source: str | None = None) -> tuple[torch.Tensor, ...]:
     """One compiled batch as torch tensors, in input order."""
-    if handle.adapter.modality == "causal_lm":
-        from compressor.program.decoder import prefill_inputs
-        from compressor.sources.lm_data import calibration_windows
+    return handle.target.probe_feeds(handle, part, source)
 
-        ids = calibration_windows(handle.adapter.tokenizer_file, handle.shapes["batch"], handle.shapes["seq_len"], seed=0)
-        return prefill_inputs(handle.adapter, ids)
-    if handle.adapter.modality == "audio":
-        from compressor.sources.speech import speech_features
 
-        return (torch.from_numpy(speech_features(handle.adapter.folder, part, handle.shapes["batch"])),)
+def encoder_feeds(handle, part: str = "probe", source: str | None = None) -> tuple[torch.Tensor, ...]:
     batch = feed_batches(handle, part, handle.shapes["batch"], source)[0]
     return tuple(torch.from_numpy(batch[s.name]) for s in handle.input_specs())

@@ -28,10 +28,8 @@ import torch
 
 from compressor.errors import UsageError
 from compressor.pipeline.pass_base import Pass, PassResult, register
-from compressor.pipeline.progress import track
 from compressor.program.encoder import TokenPlan
 from compressor.program.token_cost import TokenFlops, hard_counts
-from compressor.sources.inputs import calibration_description
 
 from .calibration import calibration, calibration_split, distill_loss, pooled_score
 from .exchange import TokenSchedule, exchange, valid
@@ -91,6 +89,11 @@ class LearnedRates(Pass):
     Config = LearnedRatesConfig
     requires = frozenset({"encoder"})
     ensures = frozenset({"token_plan"})
+    runs_before = {"token_merge": "it sets the whole token schedule: use it instead of token_merge, not after it",
+                   "token_prune": "it sets the whole token schedule: use it instead of token_prune, not after it"}
+
+    def calibration_need(self, target):
+        return "calibration_samples", self.config.calibration_samples
 
     def check(self, handle) -> None:
         super().check(handle)
@@ -102,7 +105,7 @@ class LearnedRates(Pass):
             raise UsageError("learned_rates sets the whole token schedule: use it instead of token_merge/token_prune, "
                              "not after them")
 
-    def run(self, handle) -> PassResult:
+    def run(self, handle, ctx) -> PassResult:
         cfg: LearnedRatesConfig = self.config
         ad = handle.adapter
         tokens, layers, protected = handle.num_tokens, handle.num_layers, ad.protected_per_sample
@@ -114,9 +117,9 @@ class LearnedRates(Pass):
         start = time.perf_counter()
         target, table = cfg.flops, None
         if cfg.latency is not None:  # the search spends measured milliseconds, not FLOPs
-            cost = table = LatencyTable.measure(handle, cfg.threads, floor)
+            cost = table = LatencyTable.measure(handle, ctx.latency, cfg.threads, floor, ctx.progress.track)
             target = cfg.latency
-        inputs, teacher = calibration(handle, cfg)
+        inputs, teacher = calibration(handle, ctx.calibration, cfg)
         held, polish, first_step_row = calibration_split(cfg)
         ad.model.eval()
         ad.model.requires_grad_(False)
@@ -131,7 +134,7 @@ class LearnedRates(Pass):
         epochs = -(-cfg.steps * cfg.batch // pool)
         order = first_step_row + torch.cat([torch.randperm(pool, generator=g) for _ in range(epochs)])
         trace = []
-        for step in track(range(cfg.steps), "learning rates (search steps)"):
+        for step in ctx.progress.track(range(cfg.steps), "learning rates (search steps)"):
             idx = order[step * cfg.batch:(step + 1) * cfg.batch]
             tilt, _ = fit_budget(prune, merge, tokens, protected, cost, target)  # every step on the budget
             pooled, stream, sched = search_forward(ad, tuple(t[idx] for t in inputs), prune, merge,
@@ -173,8 +176,8 @@ class LearnedRates(Pass):
             handle.plan = plan_of(prunes, merges, use_prune, cfg)
             attempts.append({"target": round(target, 4), "predicted_ratio": round(table.fraction(hard_counts(prunes, merges, tokens)), 4),
                              "flops_fraction": round(fraction, 4), "prunes": prunes, "merges": merges,
-                             **measured_ratio(handle, cfg.threads)})
-            again = retarget(attempts, cfg.latency)  # missed by more than the tolerance: tilt the rates again
+                             **measured_ratio(handle, ctx.latency, cfg.threads)})
+            again = retarget(attempts, cfg.latency, ctx.latency.tolerance, ctx.latency.attempts)  # missed by more than the tolerance: tilt the rates again
             if again is None:
                 break
             try:
@@ -207,7 +210,7 @@ class LearnedRates(Pass):
             "loss_first": sum(t[0] for t in trace[:head]) / head,
             "loss_last": sum(t[0] for t in trace[-head:]) / head,
             "steps": cfg.steps,
-            "calibration": calibration_description(handle),
+            "calibration": ctx.calibration.description(),
             "search_seconds": round(search_seconds, 1),
             "device": f"cpu ({torch.get_num_threads()} threads)",
         })

@@ -28,16 +28,17 @@ def calibration_split(cfg) -> tuple[int, int, int]:
     return held, polish, steps_from
 
 
-def calibration(handle, cfg):
-    """Calibration inputs and the dense model's (pooled, final hidden states) on them."""
-    from compressor.passes.distill import random_lengths
+def calibration(handle, data, cfg):
+    """Calibration inputs (from `data`, the pass context's `ctx.calibration`) and the dense model's (pooled, final
+    hidden states) on them."""
+    from compressor.passes.distill.encoder import random_lengths
     from compressor.passes.pruning.calibration import calibration_batches
 
     try:
-        (inputs,) = calibration_batches(handle, cfg.calibration_samples, cfg.calibration_samples, seed=cfg.seed)
+        (inputs,) = calibration_batches(data, cfg.calibration_samples, cfg.calibration_samples, seed=cfg.seed)
     except UsageError as e:
         raise UsageError(f"learned_rates: {e}") from None
-    if handle.adapter.modality == "text":  # short inputs too, where padding merges first
+    if handle.target.text:  # short inputs too, where padding merges first
         inputs = random_lengths(handle.adapter, inputs, torch.Generator().manual_seed(cfg.seed))
     dense = EncoderProgram(handle.adapter, TokenPlan())
     pooled, hidden = [], []

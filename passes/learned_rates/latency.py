@@ -8,9 +8,9 @@ linear, and made non-decreasing (timing noise must not make fewer tokens cost mo
 (embeddings, pooling) is the dense program's measured latency minus its blocks at full length; the matching of
 merged tokens is in no table, so the check on the compiled graph below corrects for it. `LatencyTable.fraction` has TokenFlops's interface, so the projection onto the budget, the hand schedules
 and the penalty read it unchanged. After the search the compiled schedule is timed against the dense program; while
-it misses the budget by more than LATENCY_TOLERANCE the table's target becomes its prediction for that schedule
+it misses the budget by more than the latency tolerance (`ctx.latency.tolerance`) the table's target becomes its prediction for that schedule
 scaled by what was measured (predicted x budget / measured) and the learned rates are tilted to it (no new search). The manifest records the table,
-the prediction and every measurement.
+the prediction and every measurement. The timings come from the pass context's `ctx.latency` (onnxruntime).
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor.export.timing import LATENCY_ATTEMPTS, LATENCY_TOLERANCE, time_handles, time_module_at_sizes
-from compressor.pipeline.progress import track
 from compressor.program.encoder import TokenPlan
 
 MAX_CORRECTION = 1.3  # a re-target moves the table's target by at most this factor
@@ -70,7 +68,8 @@ class LatencyTable:
     dense: float  # measured dense latency
 
     @classmethod
-    def measure(cls, handle, threads: int, floor: int) -> "LatencyTable":
+    def measure(cls, handle, latency, threads: int, floor: int, track=lambda items, _description: items) -> "LatencyTable":
+        """Time every distinct block shape with `latency` (`ctx.latency`), reporting progress through `track`."""
         ad, tokens, batch = handle.adapter, handle.num_tokens, handle.shapes["batch"]
         grid = tuple(sorted({int(round(v)) for v in np.linspace(floor, tokens, GRID_POINTS)}))
         x = torch.randn(batch, tokens, ad.config.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -79,11 +78,11 @@ class LatencyTable:
         for layer in track(ad.layers, "timing block latency tables"):
             key = (layer.heads, layer.channels)
             if key not in shapes:
-                att = time_module_at_sizes(_Attention(layer), (x, bias), list(grid), threads=threads)
-                mlp = time_module_at_sizes(_Mlp(layer), (x,), list(grid), threads=threads)
+                att = latency.time_module_at_sizes(_Attention(layer), (x, bias), list(grid), threads=threads)
+                mlp = latency.time_module_at_sizes(_Mlp(layer), (x,), list(grid), threads=threads)
                 shapes[key] = tuple(np.maximum.accumulate(att).tolist()), tuple(np.maximum.accumulate(mlp).tolist())
         per_block = [shapes[(l.heads, l.channels)] for l in ad.layers]
-        dense = time_handles({"dense": dataclasses.replace(handle, plan=TokenPlan())}, threads=threads)["dense"]
+        dense = latency.time_handles({"dense": dataclasses.replace(handle, plan=TokenPlan())}, threads=threads)["dense"]
         blocks = sum(a[-1] + m[-1] for a, m in per_block)
         return cls(grid, tuple(a for a, _ in per_block), tuple(m for _, m in per_block), dense - blocks, dense)
 
@@ -106,19 +105,19 @@ class LatencyTable:
                            for shape in shapes]}
 
 
-def measured_ratio(handle, threads: int) -> dict:
-    """The compiled schedule's latency against the dense program's, timed interleaved."""
+def measured_ratio(handle, latency, threads: int) -> dict:
+    """The compiled schedule's latency against the dense program's, timed interleaved (`latency`: `ctx.latency`)."""
     dense = dataclasses.replace(handle, plan=TokenPlan())
-    ms = time_handles({"dense": dense, "learned": handle}, threads=threads)
+    ms = latency.time_handles({"dense": dense, "learned": handle}, threads=threads)
     return {"check_ms": {k: round(v, 3) for k, v in ms.items()}, "measured_ratio": round(ms["learned"] / ms["dense"], 4)}
 
 
-def retarget(attempts: list[dict], keep: float) -> float | None:
-    """The next target of the table, or None when the last measurement is within LATENCY_TOLERANCE of the budget (or
-    the attempts are spent): the table's prediction for the last schedule, scaled by what that schedule measured
+def retarget(attempts: list[dict], keep: float, tolerance: float, most: int) -> float | None:
+    """The next target of the table, or None when the last measurement is within `tolerance` of the budget (or the
+    `most` attempts are spent): the table's prediction for the last schedule, scaled by what that schedule measured
     (by at most MAX_CORRECTION either way). The pass then keeps the attempt that measured closest to the budget."""
     last = attempts[-1]
-    if abs(last["measured_ratio"] / keep - 1) <= LATENCY_TOLERANCE or len(attempts) >= LATENCY_ATTEMPTS:
+    if abs(last["measured_ratio"] / keep - 1) <= tolerance or len(attempts) >= most:
         return None
     correction = min(max(keep / last["measured_ratio"], 1 / MAX_CORRECTION), MAX_CORRECTION)  # one noisy timing
     target = last["predicted_ratio"] * correction

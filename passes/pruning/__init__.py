@@ -1,2 +1,2 @@
 """Helpers shared by the structured pruning passes (layer_prune, width_prune) and encoder distillation:
-calibration inputs per modality, a block-by-block walk of any family, unit costs, importance and compensation."""
+calibration inputs per kind of model, a block-by-block walk of any family, unit costs, importance and compensation."""

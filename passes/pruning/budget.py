@@ -46,7 +46,7 @@ def resolve_budget(handle, name: str, params: float | None, flops: float | None)
 
 def tokens_per_layer(handle) -> list[tuple[int, int]]:
     """(tokens into the attention, tokens into the MLP) of every block per sample, after the token plan."""
-    if handle.adapter.modality == "causal_lm":
+    if handle.target.decoder:
         n = handle.shapes["seq_len"]
         return [(n, n)] * handle.num_layers
     counts = handle.plan.token_counts(handle.num_tokens, handle.num_layers)

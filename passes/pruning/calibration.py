@@ -1,7 +1,7 @@
 """Calibration inputs for any family, and a walk through the blocks that can skip some and collect hidden states.
 
-Every calibrating pass draws its inputs through `compressor.sources.inputs.calibration_inputs`: the recipe's
-`[data] calibration` (a text file, or a folder of images) when it gives one, else the built-in sets, each held apart
+Every calibrating pass draws its inputs from the pass context (`ctx.calibration.inputs`, compressor/pipeline/context.py):
+the recipe's `[data] calibration` (a text file, or a folder of images) when it gives one, else the built-in sets, each held apart
 from what validation reads. Text encoders: paragraphs of the Wikipedia calibration articles (long enough to fill the
 compiled length; validation reads held-out articles, benchmarks the Lee documents). Vision encoders: random crops of
 natural photographs from Debian's lomiri-wallpapers-16.04 (validation reads other photographs, from the scikit-image,
@@ -15,10 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compressor.sources.inputs import MIN_PARAGRAPH_WORDS, calibration_description, calibration_inputs, wiki_paragraphs
-
-__all__ = ["MIN_PARAGRAPH_WORDS", "Walk", "calibration_batches", "calibration_description", "output_loss", "real_tokens",
-           "walk", "wiki_paragraphs"]
+__all__ = ["Walk", "calibration_batches", "output_loss", "real_tokens", "walk"]
 
 
 @dataclass
@@ -31,11 +28,12 @@ class Walk:
     output: torch.Tensor
 
 
-def calibration_batches(handle, samples: int, batch: int, length: int = 256, seed: int = 42,
+def calibration_batches(calibration, samples: int, batch: int, length: int = 256, seed: int = 42,
                         option: str = "calibration_samples") -> list[tuple[torch.Tensor, ...]]:
     """`samples` calibration inputs in batches of `batch`, as the program takes them (encoders at the compiled
-    sequence length or image size; language models as `length`-token windows): `calibration_inputs`, batched."""
-    tensors = calibration_inputs(handle, samples, length, seed, option)
+    sequence length or image size; language models as `length`-token windows): `calibration.inputs` (the pass
+    context's `ctx.calibration`), batched."""
+    tensors = calibration.inputs(samples, length, seed, option)
     return [tuple(t[i:i + batch] for t in tensors) for i in range(0, samples, batch)]
 
 
@@ -44,7 +42,7 @@ def walk(handle, inputs: tuple[torch.Tensor, ...], skip: frozenset[int] | set[in
     """Run the model block by block (dense, no token plan), leaving out the blocks in `skip`; with `start` and `x`,
     begin at block `start` from its input `x` (a prefix already computed: SLEB's rounds re-score from there)."""
     ad = handle.adapter
-    if ad.modality == "causal_lm":
+    if handle.target.decoder:
         from compressor.program.decoder import rotary_and_bias, self_attention
 
         (ids,) = inputs
@@ -80,7 +78,7 @@ def walk(handle, inputs: tuple[torch.Tensor, ...], skip: frozenset[int] | set[in
 def output_loss(handle, out: torch.Tensor, reference: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
     """What a removal costs on one batch: for language models the next-token NLL (mean over tokens) of the calibration
     text; for encoders 1 - cosine of the pooled output to the dense model's (mean over samples)."""
-    if handle.adapter.modality == "causal_lm":
+    if handle.target.decoder:
         logp = torch.log_softmax(out[:, :-1].float(), dim=-1)
         return -logp.gather(-1, ids[:, 1:, None]).mean()
     return 1.0 - torch.nn.functional.cosine_similarity(out.double(), reference.double(), dim=-1).mean()
@@ -88,8 +86,8 @@ def output_loss(handle, out: torch.Tensor, reference: torch.Tensor, ids: torch.T
 
 def real_tokens(handle, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Mask (B, N) of the tokens that are not padding, from the program's inputs (text: the attention mask)."""
-    if handle.adapter.modality == "text":
+    if handle.target.text:
         return inputs[1] != 0
-    if handle.adapter.modality == "causal_lm":
+    if handle.target.decoder:
         return torch.ones(inputs[0].shape, dtype=torch.bool)
     return torch.ones(inputs[0].shape[0], handle.num_tokens, dtype=torch.bool)

@@ -118,7 +118,7 @@ def calibrate(handle, batches, fisher: bool, gram: bool, seed: int = 0) -> Calib
 
 def _fisher_objective(handle, output: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """A scalar whose squared gradient estimates the Fisher diagonal (see the module docstring)."""
-    if handle.adapter.modality == "causal_lm":
+    if handle.target.decoder:
         logits = output[0].float()
         sampled = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=g)
         return torch.log_softmax(logits, -1).gather(-1, sampled).sum()

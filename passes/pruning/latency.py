@@ -15,8 +15,6 @@ import copy
 
 import torch
 
-from compressor.export.timing import time_handles
-
 from .budget import channel_cost, head_cost
 
 
@@ -31,9 +29,10 @@ def head_reduction(layer, gqa: str) -> list[int]:
 
 
 class LatencyModel:
-    """ms per FLOP of heads and of channels, measured on `handle` as it stands (which is left unchanged)."""
+    """ms per FLOP of heads and of channels, measured on `handle` as it stands (which is left unchanged) with
+    `latency.time_handles` (the pass context's `ctx.latency`)."""
 
-    def __init__(self, handle, gqa: str = "per_group", threads: int = 2, repeats: int = 10, dense_handle=None):
+    def __init__(self, handle, latency, gqa: str = "per_group", threads: int = 2, repeats: int = 10, dense_handle=None):
         ad = handle.adapter
         if ad.layers[0].heads < 2 or ad.layers[0].channels < 2:
             raise ValueError("too few heads or channels left to measure their latency")
@@ -53,7 +52,7 @@ class LatencyModel:
         if dense_handle is not None:
             handles["dense"] = dense_handle
         with torch.no_grad():
-            self.ms = time_handles(handles, repeats, threads)
+            self.ms = latency.time_handles(handles, repeats, threads)
         self.now_ms = self.ms["now"]
         self.dense_ms = self.ms.get("dense", self.now_ms)
         # a difference lost in timing noise still prices the unit above zero (ms per FLOP of the whole model)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from compressor.errors import UsageError
-from compressor.passes.slicegpt.calibration import calibration_samples, check_calibration_options
+from compressor.passes.slicegpt.calibration import calibration_samples, check_calibration_count, check_calibration_options
 from compressor.passes.slicegpt.pca import pca_rotation
 from compressor.passes.slicegpt.rotation import (boundary_spectra, fold_norms, residual_second_moment, rotate_and_slice,
                                                  slice_boundaries, slice_per_layer, some)
@@ -81,36 +81,43 @@ class SliceGPT(Pass):
     requires = frozenset({"pre_norm"})
     ensures = frozenset({"sliced"})
 
+    def ensured(self) -> frozenset[str]:
+        return self.ensures if self.config.sparsity > 0.0 else frozenset()  # sparsity 0 folds the norms only
+
+    def calibration_need(self, target):
+        return "calibration_samples", self.config.calibration_samples
+
     def check(self, handle) -> None:
         refusal = handle.adapter.slicing_refusal
         if refusal:
             raise UsageError(refusal)
-        check_calibration_options(handle.adapter, self.config)
+        check_calibration_options(handle, self.config)
 
-    def run(self, handle) -> PassResult:
+    def run(self, handle, ctx) -> PassResult:
         cfg: SliceGPTConfig = self.config
         adapter = handle.adapter
-        lm = adapter.modality == "causal_lm"
+        lm = handle.target.decoder
+        check_calibration_count(handle, cfg, ctx.calibration)
         width, params_before = adapter.config.hidden_size, _params(adapter.model)
         start = time.perf_counter()
         adapter.fold_norms()
         info = {"width_before": width, "params_before": params_before}
-        if lm:  # the manifest keys each modality has had since its first release
+        if lm:  # the manifest keys each kind of model has had since its first release
             info["folded_seconds"] = round(time.perf_counter() - start, 3)
         else:
             info.update(mode=cfg.mode, transformers_loadable=False)
         if cfg.sparsity > 0.0:
-            info.update(self._slice(handle, sliced_width(width, cfg.sparsity, cfg.round_to)))
+            info.update(self._slice(handle, ctx, sliced_width(width, cfg.sparsity, cfg.round_to)))
         elif lm:
             info["width_after"] = width
         info["params_after"] = _params(adapter.model)
         return PassResult(modified=True, info=info)
 
-    def _slice(self, handle, d: int) -> dict:
+    def _slice(self, handle, ctx, d: int) -> dict:
         """Calibrate, rotate and slice the folded model to width d (per_layer: d on average); returns the info."""
         cfg: SliceGPTConfig = self.config
         adapter = handle.adapter
-        samples, info = calibration_samples(handle, cfg)
+        samples, info = calibration_samples(handle, ctx.calibration, cfg)
         t = time.perf_counter()
         if cfg.mode == "portable":
             moment = residual_second_moment(adapter, torch.split(samples, cfg.batch), cfg.normalize_tokens)
@@ -124,8 +131,9 @@ class SliceGPT(Pass):
             info.update(width_schedule=cfg.schedule, boundary_widths=widths)
         info.update(mode=cfg.mode, width_after=d, calibration_seconds=round(time.perf_counter() - t, 2),
                     kept_variance=kept)
-        if adapter.modality == "causal_lm":
+        lm = handle.target.decoder
+        if lm:
             info.update(lm_head_untied=not cfg.tie_head, transformers_loadable=cfg.mode == "portable")
-        if adapter.modality == "causal_lm" or cfg.mode == "per_layer":
+        if lm or cfg.mode == "per_layer":
             info["shortcut_params"] = _params(adapter.model, "shortcut")
         return info

@@ -1,1 +1,0 @@
-"""Export and validation: lowering to ONNX, validation against PyTorch, artifacts, benchmarks."""

@@ -1,0 +1,1 @@
+"""Lowering: the captured program to ONNX, onnxruntime's fused ops, 4-bit weights, deployment rewrites."""

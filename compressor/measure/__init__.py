@@ -1,0 +1,1 @@
+"""Measurement: latency of artifacts and handles, and the baselines users deploy instead."""

@@ -1,0 +1,1 @@
+"""Reporting: one HTML page from manifests and benchmark JSON."""

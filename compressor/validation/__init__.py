@@ -1,0 +1,1 @@
+"""Validation: the artifact that ships against the PyTorch program, on held-out data."""
