@@ -106,6 +106,13 @@ class Target(ABC):
         return f"<target {self.modality}>"
 
 
+def check_seq_len(merged: dict) -> dict:
+    """The compiled (or probe) sequence length of token inputs."""
+    if not isinstance(merged["seq_len"], int) or not 8 <= merged["seq_len"] <= 512:
+        raise UsageError(f"export seq_len must be an integer in 8..512, got {merged['seq_len']!r}")
+    return merged
+
+
 class SingleGraphTarget(Target):
     """A kind that ships one graph (model.onnx) with the family's pre-processing files: encoders, causal LMs."""
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from compressor.errors import UsageError
-from compressor.targets.base import SingleGraphTarget
+from compressor.targets.base import SingleGraphTarget, check_seq_len
 from compressor.validation.lm import LMValidationConfig
 
 
@@ -31,9 +31,7 @@ class CausalLMTarget(SingleGraphTarget):
         return prefill_inputs(handle.adapter, ids)
 
     def _check_shapes(self, merged: dict) -> dict:
-        if not isinstance(merged["seq_len"], int) or not 8 <= merged["seq_len"] <= 512:
-            raise UsageError(f"export seq_len must be an integer in 8..512, got {merged['seq_len']!r}")
-        return merged
+        return check_seq_len(merged)
 
     def program(self, handle, dense: bool = False):
         """The decoder with its KV cache (a language model has no token plan: dense and compressed are the same)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from compressor.errors import UsageError
-from compressor.targets.base import SingleGraphTarget
+from compressor.targets.base import SingleGraphTarget, check_seq_len
 from compressor.validation.encoder import ValidationConfig
 
 
@@ -66,9 +66,7 @@ class TextEncoderTarget(EncoderTarget):
         return text_preprocessor(handle)
 
     def _check_shapes(self, merged: dict) -> dict:
-        if not isinstance(merged["seq_len"], int) or not 8 <= merged["seq_len"] <= 512:
-            raise UsageError(f"export seq_len must be an integer in 8..512, got {merged['seq_len']!r}")
-        return merged
+        return check_seq_len(merged)
 
     def check_export(self, options, shapes: dict) -> None:
         """Buckets are shorter text graphs: each shorter than the compiled seq_len (which is always the last)."""
