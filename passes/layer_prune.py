@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from compressor.errors import UsageError
+from compressor.models import DepthPrunable
 from compressor.pipeline.pass_base import Pass, PassResult, register
 
 from .pruning.budget import block_cost, resolve_budget
@@ -76,6 +77,8 @@ class LayerPrune(Pass):
 
     def check(self, handle) -> None:
         super().check(handle)
+        if not isinstance(handle.adapter, DepthPrunable):
+            raise UsageError(f"layer_prune does not apply to a {handle.adapter.family} model (its adapter cannot remove blocks)")
         if handle.plan.active:
             raise UsageError("layer_prune must come before token_merge/token_prune in the recipe: the merge schedule is per block")
         if handle.adapter.has_shortcuts:

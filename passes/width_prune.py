@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from compressor.errors import UsageError
+from compressor.models import HeadPrunable, WidthPrunable
 from compressor.models.base import head_rows
 from compressor.pipeline.pass_base import Pass, PassResult, register
 
@@ -101,6 +102,9 @@ class WidthPrune(Pass):
 
     def check(self, handle) -> None:
         super().check(handle)
+        if not isinstance(handle.adapter, (HeadPrunable, WidthPrunable)):
+            raise UsageError(f"width_prune does not apply to a {handle.adapter.family} model (its adapter cannot remove "
+                             f"attention heads or MLP channels)")
         if handle.adapter.has_shortcuts:
             raise UsageError("width_prune must come before slicegpt's per_layer mode (run it first, then slice)")
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from compressor.errors import UsageError
+from compressor.models import SliceableAdapter
 from compressor.passes.slicegpt.calibration import calibration_samples, check_calibration_count, check_calibration_options
 from compressor.passes.slicegpt.pca import pca_rotation
 from compressor.passes.slicegpt.rotation import (boundary_spectra, fold_norms, residual_second_moment, rotate_and_slice,
@@ -88,9 +89,8 @@ class SliceGPT(Pass):
         return "calibration_samples", self.config.calibration_samples
 
     def check(self, handle) -> None:
-        refusal = handle.adapter.slicing_refusal
-        if refusal:
-            raise UsageError(refusal)
+        if not isinstance(handle.adapter, SliceableAdapter):
+            raise UsageError(handle.adapter.slicing_refusal)
         check_calibration_options(handle, self.config)
 
     def run(self, handle, ctx) -> PassResult:
