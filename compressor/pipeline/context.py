@@ -123,13 +123,6 @@ class OnnxLatency:
         return self._timing().time_module_at_sizes(module, example, sizes, repeats, threads)
 
 
-def reload_reference(handle):
-    """The source model of `handle` loaded afresh, in eval mode, at the handle's compile shapes (a new handle)."""
-    from compressor.program.handle import load
-
-    return load(handle.source.reload_spec, **handle.shapes)
-
-
 @dataclass(frozen=True)
 class PassContext:
     calibration: Calibration
@@ -141,7 +134,7 @@ class PassContext:
     def for_handle(cls, handle) -> "PassContext":
         """The default services for `handle`: its calibration data, its source reloaded, onnxruntime timings and the
         progress listener of the current call. Nothing is loaded until a pass asks."""
-        return cls(calibration=HandleCalibration(handle), reference=lambda: reload_reference(handle),
+        return cls(calibration=HandleCalibration(handle), reference=handle.reloaded,
                    latency=OnnxLatency(), progress=PROGRESS)
 
     def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:

@@ -141,7 +141,11 @@ def image_calibration(handle, samples: int, seed: int, option: str) -> list:
 
 def as_inputs(handle, raw: list) -> tuple[torch.Tensor, ...]:
     """Raw texts or images pre-processed as the runtime does, as the program's input tensors."""
-    feeds = preprocessor(handle)(raw)
+    return as_tensors(handle, preprocessor(handle)(raw))
+
+
+def as_tensors(handle, feeds: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
+    """Named feeds as the program's input tensors, in input order."""
     return tuple(torch.from_numpy(feeds[s.name]) for s in handle.input_specs())
 
 
@@ -165,5 +169,4 @@ def make_feeds(handle, part: str = "probe", source: str | None = None) -> tuple[
 
 
 def encoder_feeds(handle, part: str = "probe", source: str | None = None) -> tuple[torch.Tensor, ...]:
-    batch = feed_batches(handle, part, handle.shapes["batch"], source)[0]
-    return tuple(torch.from_numpy(batch[s.name]) for s in handle.input_specs())
+    return as_tensors(handle, feed_batches(handle, part, handle.shapes["batch"], source)[0])

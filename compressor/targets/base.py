@@ -98,10 +98,6 @@ class Target(ABC):
         """Lower `handle` into `folder` (empty, temporary), validate what will ship, and return (manifest, validation
         result, bars that would pass or None); the caller hashes, publishes or refuses."""
 
-    @abstractmethod
-    def outputs(self, handle) -> list[dict]:
-        """The manifest's `outputs`: name, shape and dtype of each output of the main graph."""
-
     def __repr__(self) -> str:
         return f"<target {self.modality}>"
 
@@ -129,6 +125,10 @@ class SingleGraphTarget(Target):
         manifest["export"] = deployed
         self.finish_manifest(manifest, options)
         return manifest, result, None
+
+    @abstractmethod
+    def outputs(self, handle) -> list[dict]:
+        """The manifest's `outputs`: name, shape and dtype of each output of the graph."""
 
     @abstractmethod
     def export(self, handle, folder: Path, dense, cfg, options, data: dict, step) -> tuple[object, dict, dict]:

@@ -66,8 +66,3 @@ class SpeechTarget(Target):
                          "recipe": recipe, "versions": versions()})
         manifest["validation"] = result
         return manifest, result, speech_relax(result)
-
-    def outputs(self, handle) -> list[dict]:
-        from compressor.lower.speech import speech_manifest
-
-        return speech_manifest(handle.adapter, handle.plan, handle.num_tokens, {}, [], {})["outputs"]
