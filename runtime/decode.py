@@ -23,6 +23,7 @@ class SharedKVDecoder:
         self.lengths = np.zeros(batch, np.int64)
         self.io = session.io_binding()
         self.vocab = int(next(o.shape[2] for o in session.get_outputs() if o.name == "logits"))
+        self.position_ids = any(i.name == "position_ids" for i in session.get_inputs())
         self._step_logits = self._step_value = self._bound = None  # (B, 1, V): bound once, reused by every step
         self._buffers = []  # numpy arrays the OrtValues wrap: kept alive as long as the binding
         for i, kv in enumerate(kv_heads):
@@ -43,6 +44,8 @@ class SharedKVDecoder:
         mask = (np.arange(width)[None, :] < total[:, None]).astype(np.int64)
         self.io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         self.io.bind_cpu_input("attention_mask", mask)
+        if self.position_ids:  # a KV-policy graph with its full cache: each row's positions continue its length
+            self.io.bind_cpu_input("position_ids", self.lengths[:, None] + np.arange(ids.shape[1], dtype=np.int64))
         logits = self._logits_buffer(ids.shape)
         self.session.run_with_iobinding(self.io)
         self.lengths = total

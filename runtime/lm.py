@@ -16,6 +16,7 @@ import numpy as np
 
 from .decode import SharedKVDecoder
 from .errors import FeedError, FeedTypeError
+from .kv_policy import KVBudget, PolicyDecoder
 from .model import CompiledModel
 from .preprocess import check_text
 
@@ -65,6 +66,24 @@ class CausalLM(CompiledModel):
         self.shared_kv = pre.get("kv_cache") == "shared"
         self.max_length = pre.get("max_length")
         self.prefill_chunk = int(pre.get("prefill_chunk") or 256)
+        self.positional = "position_ids" in self.inputs  # a KV-policy graph: the runtime gives rotary positions
+        self._scores = any(o["name"].startswith("attention_probs.") for o in manifest["outputs"])
+        compiled = pre.get("kv_policy")  # (a dense baseline read with this manifest has no position_ids: no policy)
+        self._kv_policy = KVBudget.from_dict(compiled, self._scores) if compiled and self.positional else None
+
+    @property
+    def kv_policy(self) -> dict | None:
+        """The KV-cache policy generation applies (compiled into the artifact by the kv_cache pass); None keeps
+        every token (the full cache). Settable: None, or a dict overriding the compiled one's keys (e.g. budget)."""
+        return None if self._kv_policy is None else dict(self._kv_policy.__dict__)
+
+    @kv_policy.setter
+    def kv_policy(self, value: dict | None) -> None:
+        if value is not None and not self.positional:
+            raise FeedError("this artifact was compiled without a KV-cache policy (no position_ids input); compile it "
+                            "with the kv_cache pass")
+        compiled = self._pre.get("kv_policy") or {}
+        self._kv_policy = None if value is None else KVBudget.from_dict({**compiled, **value}, self._scores)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
@@ -89,7 +108,10 @@ class CausalLM(CompiledModel):
         return ones if self.shared_kv else np.concatenate([np.zeros((shape[0], 1), np.int64), ones], axis=1)
 
     def _step(self, ids: np.ndarray, mask: np.ndarray, past: dict) -> tuple[np.ndarray, dict]:
-        out = self.run({"input_ids": ids, "attention_mask": mask, **past})
+        feeds = {"input_ids": ids, "attention_mask": mask, **past}
+        if self.positional:  # (prefill from an empty cache: positions 0..S-1)
+            feeds["position_ids"] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
+        out = self.run(feeds)
         present = {f"past_key_values.{i}.{k}": out[f"present.{i}.{k}"] for i in range(self.num_layers) for k in ("key", "value")}
         return out["logits"], present
 
@@ -124,6 +146,60 @@ class CausalLM(CompiledModel):
         need = max(len(p) for p in prompts) + max_new_tokens
         return int(min(self.max_length, max(need, int(self._pre.get("min_kv_slots") or 0))))
 
+    @property
+    def policy_chunk(self) -> int:
+        """Prompt tokens per call on a KV-policy graph: fewer where each call also returns attention probabilities
+        (their size is chunk x prompt per head and layer)."""
+        return min(self.prefill_chunk, 64) if self._scores else self.prefill_chunk
+
+    def policy_decoder(self, prompt_len: int, max_new_tokens: int) -> PolicyDecoder:
+        """A batch-1 decoder for a KV-policy graph: the compiled (or set) policy, or with kv_policy = None the
+        full cache (a budget that never evicts), on the same graph and code path."""
+        policy = self._kv_policy or KVBudget("window", prompt_len + max_new_tokens + 1, sinks=0)
+        return PolicyDecoder(self.session, self._kv_per_block, self.head_dim, policy, prompt_len, self.max_length,
+                             int(self._pre.get("min_kv_slots") or 0))
+
+    def forks(self, prompt, max_new_tokens: int, policies: list) -> tuple[np.ndarray, list[PolicyDecoder]]:
+        """One exact, full-attention prefill of `prompt`, forked into a decoder per entry of `policies` (a dict of
+        kv_policy keys over the compiled policy, or None for the full cache): the next-token logits and the decoders,
+        each as its own exact prefill would leave it. How the benchmarks and validation compare policies on a prompt
+        without paying its prefill once per policy."""
+        ids = self._prompt_ids(prompt)
+        if not self.positional:
+            raise FeedError("forks() needs an artifact compiled with a KV-cache policy (the kv_cache pass)")
+        compiled = self._pre.get("kv_policy") or {}
+        resolved = [KVBudget("window", len(ids) + max_new_tokens + 1, sinks=0) if p is None else
+                    KVBudget.from_dict({**compiled, **p}, self._scores) for p in policies]
+        snap = next((b.observation for b in resolved if b.policy == "snapkv"), None)
+        base = KVBudget("window", len(ids) + max_new_tokens + 1, sinks=0, recent=snap)
+        decoder = PolicyDecoder(self.session, self._kv_per_block, self.head_dim, base, len(ids), self.max_length,
+                                int(self._pre.get("min_kv_slots") or 0))
+        logits = decoder.feed_prompt(ids, self.policy_chunk)
+        out = []
+        for b in resolved:
+            fork = decoder.fork(b)
+            fork.finish_prefill()
+            out.append(fork)
+        return logits, out
+
+    def continuation_logprobs(self, prompt, continuation) -> np.ndarray:
+        """log p(continuation[i] | prompt, continuation[:i]) for each token, fed one at a time through the KV
+        policy (teacher forcing): how much the policy's forgetting costs on real text."""
+        ids = self._prompt_ids(prompt)
+        cont = token_ids(continuation, "continuation_logprobs()").reshape(-1)
+        if not self.positional:
+            full = np.array(ids + cont.tolist(), np.int64)
+            logp = _log_softmax(self.logits(full)[len(ids) - 1:-1].astype(np.float32))
+            return logp[np.arange(len(cont)), cont]
+        decoder = self.policy_decoder(len(ids), len(cont))
+        logits = decoder.prefill(ids, self.policy_chunk)
+        out = np.empty(len(cont), np.float64)
+        for i, t in enumerate(cont):
+            out[i] = _log_softmax(logits[None].astype(np.float32))[0, t]
+            if i + 1 < len(cont):
+                logits = decoder.step(int(t))
+        return out
+
     def _prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
             ids = self.encode(check_text([prompt], "generate()", single=True)[0])
@@ -154,15 +230,20 @@ class CausalLM(CompiledModel):
         if self.shared_kv:
             if max_new_tokens == 0:
                 return
-            decoder = SharedKVDecoder(self.session, self._kv_per_block, self.head_dim, 1, self._capacity([ids], max_new_tokens))
-            logits = decoder.prefill([ids], self.prefill_chunk)[0]
+            if self.positional:
+                decoder = self.policy_decoder(len(ids), max_new_tokens)
+                logits = decoder.prefill(ids, self.policy_chunk)
+            else:
+                decoder = SharedKVDecoder(self.session, self._kv_per_block, self.head_dim, 1,
+                                          self._capacity([ids], max_new_tokens))
+                logits = decoder.prefill([ids], self.prefill_chunk)[0]
             for n in range(max_new_tokens):
                 token = sample_next(logits, temperature, top_p, rng)
                 if stop_on_eos and token in self.eos_token_ids:
                     return
                 yield token
                 if n + 1 < max_new_tokens:
-                    logits = decoder.step(np.array([token], np.int64))[0]
+                    logits = decoder.step(token) if self.positional else decoder.step(np.array([token], np.int64))[0]
             return
         x = np.array([ids], dtype=np.int64)
         mask = self._prefill_mask(x.shape)
@@ -184,7 +265,8 @@ class CausalLM(CompiledModel):
             raise FeedTypeError("generate_batch() takes a non-empty list of prompts (texts or token-id lists)")
         ids = [self._prompt_ids(p) for p in prompts]
         self._check_sampling(max_new_tokens, temperature, top_p, seed)
-        if not self.shared_kv:  # the generic graph has no right-padded batching: one prompt at a time
+        if not self.shared_kv or self.positional:  # one prompt at a time: the generic graph has no right-padded
+            # batching, and a KV policy keeps different slots per row
             outs = [list(self.stream(p, max_new_tokens, temperature, top_p, seed, stop_on_eos)) for p in ids]
         else:
             rng = np.random.default_rng(seed)

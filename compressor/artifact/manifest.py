@@ -15,6 +15,11 @@ def build_manifest(handle, dense, stats, validation_result: dict, recipe: dict |
     outputs = handle.target.outputs(handle)
     model = handle.adapter.describe()
     model["params"] = stats.params  # counted as params.compressed is (weights and constants the graph reads)
+    inputs = [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in specs]
+    preprocess = handle.adapter.preprocess_config(handle.shapes)
+    if handle.kv_policy:  # the fused graph's rotary positions come from the runtime (passes/kv_cache.py)
+        inputs.insert(2, {"name": "position_ids", "shape": ["batch", "sequence"], "dtype": "int64"})
+        preprocess["kv_policy"] = dict(handle.kv_policy)
     return {
         "format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -23,9 +28,9 @@ def build_manifest(handle, dense, stats, validation_result: dict, recipe: dict |
         "model_file": MODEL_FILE,
         "opset": OPSET,
         "shapes": handle.shapes,
-        "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in specs],
+        "inputs": inputs,
         "outputs": outputs,
-        "preprocess": handle.adapter.preprocess_config(handle.shapes),
+        "preprocess": preprocess,
         "passes": handle.history,
         "token_plan": {
             "merges": handle.plan.merges or [0] * handle.num_layers,

@@ -209,6 +209,10 @@ def bench(
         help="language models: also time an onnxruntime-genai build of the same model (the model builder's output "
              "folder: genai_config.json + its decoder ONNX; benchmarks/setup_genai.sh makes one) in the same "
              "interleaved run")] = None,
+    long_prompts: Annotated[str, typer.Option(
+        "--long-prompts", metavar="LENGTHS",
+        help="language models with a KV-cache policy: decode ms/token after prompts of these lengths (comma list; "
+             "max = the longest the artifact holds), full cache vs the compiled policy; 'none' skips them")] = "1024,2048,4096,max",
 ) -> None:
     """time an artifact against dense baselines a user could run instead (same static shapes; dynamic shapes batched
     by length; onnxruntime-fused; fused INT8) on short, paragraph and long real text, interleaved in one run"""
@@ -223,7 +227,8 @@ def bench(
     with progress_bars(err, "benchmarking") as bars:
         result = bench_artifact(artifact, repeats=repeats, warmup=warmup, threads=threads, providers=providers,
                                 allow_fallback=allow_cpu_fallback, baselines=not no_baselines, samples=samples,
-                                progress=bars.step, genai=genai)
+                                progress=bars.step, genai=genai,
+                                long_prompts=None if long_prompts == "none" else long_prompts)
     print_bench(out, result, artifact)
     write_json(out, json_file, result)
 

@@ -23,6 +23,7 @@ def inspect_path(spec: str) -> dict:
             "params": m["params"],
             "validation": {k: v for k, v in m["validation"].items() if k != "thresholds"},
             "files": len(m["files"]),
+            "kv_cache": kv_cache_info(m),
         }
     from compressor.program.capture import capture, graph_stats
     from compressor.program.handle import load
@@ -40,3 +41,21 @@ def inspect_path(spec: str) -> dict:
         "params": stats.params,
         "token_counts": handle.plan.token_counts(handle.num_tokens, handle.num_layers),
     }
+
+
+def kv_cache_info(m: dict) -> dict | None:
+    """A language model's KV cache as the runtime keeps it: the compiled policy and budget, or the full cache up to
+    the artifact's context (None for other kinds)."""
+    pre = m.get("preprocess", {})
+    if pre.get("kind") != "causal_lm":
+        return None
+    info = {"max_length": pre.get("max_length"), "policy": "full"}
+    policy = pre.get("kv_policy")
+    if policy:
+        budget = policy["budget"]
+        info.update(policy=policy["policy"], sinks=policy["sinks"], prefill=policy["prefill"],
+                    budget=budget if isinstance(budget, int) else f"{budget['fraction']:.0%} of the prompt")
+        if policy["policy"] != "window":  # (the runtime's defaults: H2O's even split, SnapKV's 32-token window)
+            recent = policy["recent"]
+            info["recent"] = recent if recent is not None else "half the budget" if policy["policy"] == "h2o" else 32
+    return info

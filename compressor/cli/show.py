@@ -125,8 +125,9 @@ def print_inspect(out, info: dict, path: str) -> None:
     m = info["model"]
     t.add_row("family", f"{m['family']} ({m['modality']})")
     t.add_row("architecture", f"{m['layers']} layers, width {m['hidden_size']}, {m['heads']} heads")
-    shown = info["inputs"][:2] if len(info["inputs"]) > 4 else info["inputs"]
-    more = f", and {len(info['inputs']) - 2} past key/value inputs" if len(info["inputs"]) > 4 else ""
+    past = [i for i in info["inputs"] if i["name"].startswith("past_key_values.")]
+    shown = [i for i in info["inputs"] if i not in past] if len(past) > 2 else info["inputs"]
+    more = f", and {len(past)} past key/value inputs" if len(past) > 2 else ""
     t.add_row("inputs", ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in shown) + more)
     if info["kind"] == "artifact":
         t.add_row("source", info["source"])
@@ -145,6 +146,18 @@ def print_inspect(out, info: dict, path: str) -> None:
         else:
             t.add_row("validation", f"passed={val.get('passed')} cosine mean {_stat(val, 'cosine_to_dense_mean', '.4f')} p5 "
                       f"{_stat(val, 'cosine_to_dense_p5', '.4f')} agreement {_stat(val, 'onnx_vs_torch_agreement')}")
+        checked = val.get("kv_policy")
+        if checked:
+            t.add_row("KV validation", f"{checked['prompts']} held-out prompt(s) of {checked['prompt_tokens']} tokens, "
+                      f"next {checked['continuation_tokens']}: perplexity {checked['perplexity_ratio']:.3f}x the full "
+                      f"cache's, argmax agreement {checked['teacher_forced_agreement']:.2f} (teacher forced)")
+        kv = info.get("kv_cache")
+        if kv:
+            t.add_row("KV cache", "full (every token kept)" + (f", up to {kv['max_length']} positions" if kv["max_length"] else "")
+                      if kv["policy"] == "full" else
+                      f"{kv['policy']}: {kv['budget']} slots per layer and head ({kv['sinks']} sinks"
+                      + (f", {kv['recent']} recent" if "recent" in kv else "") + f"), {kv['prefill']} prefill, "
+                      f"up to {kv['max_length']} positions")
         t.add_row("signature", signature_row(path))
     else:
         t.add_row("params", fmt_params(info["params"]))
@@ -181,6 +194,14 @@ def print_bench(out, result: dict, artifact: str) -> None:
         t.add_row("compressed", f"{result['compressed_ms']:.2f}", f"{result['compressed_flops'] / 1e9:.2f}",
                   f"{result['speedup']:.2f}", f"{result['flops_ratio']:.2f}", f"{result['efficiency']:.2f}")
     out.print(t)
+    if result.get("long_prompt"):
+        t = Table(title="long prompts: decode ms/token, full cache vs the compiled KV policy (same graph and weights)")
+        for col in ("prompt", "prefill (s)", "full cache", "policy", "speed-up", "KV MB full -> policy"):
+            t.add_column(col, justify="right")
+        for r in result["long_prompt"]:
+            t.add_row(str(r["prompt"]), f"{r['prefill_s']:.1f}", f"{r['full_ms']:.1f}", f"{r['policy_ms']:.1f}",
+                      f"{r['speedup']:.2f}x", f"{r['full_kv_mb']:.0f} -> {r['policy_kv_mb']:.0f}")
+        out.print(t)
     if result.get("genai"):
         g = result["genai"]
         note = f"genai: {g['build']} (model type {g['model_type']})"

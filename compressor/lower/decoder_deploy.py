@@ -134,7 +134,7 @@ GENAI_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": 
                "gemma3_text": "gemma3_text"}
 
 
-def write_genai_config(ad, folder: Path, options: ExportOptions, model_file: str) -> dict:
+def write_genai_config(ad, folder: Path, options: ExportOptions, model_file: str, kv_policy: dict | None = None) -> dict:
     """genai_config.json, so onnxruntime_genai.Model(artifact) runs the graph with its own generator (the graph's
     inputs and outputs are its decoder convention). Its config holds one key/value head count for every layer, so an
     artifact whose blocks differ there (width_prune) gets none, and the record says why."""
@@ -143,6 +143,9 @@ def write_genai_config(ad, folder: Path, options: ExportOptions, model_file: str
     kv = sorted(set(ad.kv_heads))
     heads = sorted({layer.heads for layer in ad.layers})
     model_type = ad.config.model_type
+    if kv_policy and kv_policy["scores"]:
+        return {"written": False, "why": f"the graph returns attention probabilities for the runtime's {kv_policy['policy']} "
+                                         "KV policy, which onnxruntime-genai's generator does not read"}
     if len(kv) > 1 or len(heads) > 1 or model_type not in GENAI_TYPES:
         why = (f"onnxruntime-genai has no decoder type for {model_type}" if model_type not in GENAI_TYPES else
                "blocks have different head counts, which genai_config.json cannot express")
@@ -160,7 +163,8 @@ def write_genai_config(ad, folder: Path, options: ExportOptions, model_file: str
                 "filename": model_file, "head_size": ad.head_dim, "hidden_size": ad.embed_tokens.weight.shape[1],
                 "num_attention_heads": heads[0], "num_hidden_layers": len(ad.layers), "num_key_value_heads": kv[0],
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value",
+                           **({"position_ids": "position_ids"} if kv_policy else {})},
                 "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                             "present_value_names": "present.%d.value"},
             },
@@ -189,13 +193,21 @@ def mark_fused(manifest: dict, options: ExportOptions) -> None:
 PREFILL_CHUNK = 256  # prompt tokens fed per call when prefilling long prompts
 
 
-def lowering_options(options: ExportOptions, plan: WeightPlan) -> LoweringOptions:
+def policy_io(kv_policy: dict | None) -> dict:
+    """The graph inputs and outputs a KV-cache policy needs (passes/kv_cache.py): none without one."""
+    if not kv_policy:
+        return {}
+    return {"position_ids": True, "attention_probs": bool(kv_policy["scores"])}
+
+
+def lowering_options(options: ExportOptions, plan: WeightPlan, kv_policy: dict | None = None) -> LoweringOptions:
     """The quantized graph's lowering: the plan's weights, the [export] speed options (minimums, head_topk)."""
     def head_draft(head: NBitsWeight) -> NBitsWeight:  # 4-bit draft of the head, from the values it ships
         return quantize_weight(head.dequantize(), 4, options.block_size, True, "rtn")
 
     return LoweringOptions(options.max_length, weights=plan, accuracy_level=options.accuracy_level,
-                           minimums=options.minimums, head_topk=options.head_topk, head_draft=head_draft)
+                           minimums=options.minimums, head_topk=options.head_topk, head_draft=head_draft,
+                           **policy_io(kv_policy))
 
 
 def deploy_fused_decoder(handle, model_path: Path, options: ExportOptions, step) -> tuple[dict, Path | None]:
@@ -206,11 +218,13 @@ def deploy_fused_decoder(handle, model_path: Path, options: ExportOptions, step)
     plan = WeightPlan(handle, options) if quantized else None  # refusals (block size, exactness) before any work
     fp32_path = lowered_path(model_path) if quantized else model_path
     step("lowering the decoder to onnxruntime's fused operators")
-    record = {"options": options.to_json(), "lowering": lower_decoder(ad, fp32_path, LoweringOptions(options.max_length))}
+    policy = getattr(handle, "kv_policy", None)
+    record = {"options": options.to_json(),
+              "lowering": lower_decoder(ad, fp32_path, LoweringOptions(options.max_length, **policy_io(policy)))}
     if quantized:
         step(f"{options.weights} weights (MatMulNBits)")
-        record["lowering"] = lower_decoder(ad, model_path, lowering_options(options, plan))
+        record["lowering"] = lower_decoder(ad, model_path, lowering_options(options, plan, policy))
         record["weights"] = plan.record()
     record["validated_graph"] = "fused" + (f", {options.weights} weights" if quantized else "")
-    record["genai"] = write_genai_config(ad, model_path.parent, options, model_path.name)
+    record["genai"] = write_genai_config(ad, model_path.parent, options, model_path.name, policy)
     return record, fp32_path if quantized else None

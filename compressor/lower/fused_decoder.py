@@ -64,6 +64,10 @@ class LoweringOptions:
     # each position are recomputed from the head's own weights (exact where they matter: argmax, softmax mass)
     head_topk: int = 0
     head_draft: Callable | None = None
+    # a KV-cache policy (passes/kv_cache.py): rotary positions from a position_ids input (a kept token keeps its
+    # position in any slot), and for h2o / snapkv each layer's attention probabilities as outputs (output_qk)
+    position_ids: bool = False
+    attention_probs: bool = False
 
 
 def linear(g: GraphBuilder, x: str, name: str, parts: list[tuple[np.ndarray, np.ndarray | None]],
@@ -147,6 +151,8 @@ def lower_decoder(ad: DecoderAdapter, path: Path, opts: LoweringOptions | None =
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", vocab])]
+    if opts.position_ids:
+        inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]))
     for i, layer in enumerate(layers):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
@@ -200,11 +206,19 @@ def lower_decoder(ad: DecoderAdapter, path: Path, opts: LoweringOptions | None =
                 qkv[1] = qk_norm(g, qkv[1], layer.k_norm, kv, hd, f"{p}.k_norm")
         cos, sin = tables[layer.rope]
         window = layer.sliding_window
-        attn, _, _ = g.op("GroupQueryAttention",
-                          qkv + [f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total_len, cos, sin],
-                          f"{p}/GroupQueryAttention", outputs=[f"{p}/attn", f"present.{i}.key", f"present.{i}.value"],
-                          domain=MS, num_heads=heads, kv_num_heads=kv, scale=float(layer.attn_scale), do_rotary=1,
-                          rotary_interleaved=0, local_window_size=window if window else -1)
+        gqa_in = qkv + [f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total_len, cos, sin]
+        gqa_out = [f"{p}/attn", f"present.{i}.key", f"present.{i}.value"]
+        extra = {}
+        if opts.position_ids:
+            gqa_in.append("position_ids")  # input 9
+        if opts.attention_probs:
+            gqa_out.append(f"attention_probs.{i}")  # output 3: (B, heads, S, total) softmax probabilities
+            extra["qk_output"] = 2
+            outputs.append(helper.make_tensor_value_info(f"attention_probs.{i}", TensorProto.FLOAT,
+                                                         ["batch", heads, "sequence", "total"]))
+        attn = g.op("GroupQueryAttention", gqa_in, f"{p}/GroupQueryAttention", outputs=gqa_out, domain=MS,
+                    num_heads=heads, kv_num_heads=kv, scale=float(layer.attn_scale), do_rotary=1,
+                    rotary_interleaved=0, local_window_size=window if window else -1, **extra)[0]
         out = linear(g, attn, f"{p}.o_proj", [module_weights(layer.o)], opts)
         post = layer.post_attn_norm
         if post is not None:  # Gemma: the attention output is normalised before the residual add
@@ -233,6 +247,8 @@ def lower_decoder(ad: DecoderAdapter, path: Path, opts: LoweringOptions | None =
     for node in g.nodes:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     out = {"lowering": "fused", "ops": ops, "max_length": opts.max_length, "num_layers": n, "width": width}
+    if opts.position_ids:
+        out["kv_policy_io"] = {"position_ids": True, "attention_probs": opts.attention_probs}
     if opts.head_topk:
         out["head_topk"] = opts.head_topk if topk else ("not applied: the head ships as FP32, with float zero points "
                                                         "(GatherBlockQuantized cannot read them) or with a bias")

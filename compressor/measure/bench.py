@@ -37,7 +37,7 @@ def held_out_batch(path: Path, manifest: dict) -> dict:
 
 def bench_artifact(path: str | Path, repeats: int = 20, warmup: int = 3, threads: int = 2, progress=None,
                    providers=None, allow_fallback: bool = False, baselines: bool = True, samples: int | None = None,
-                   genai: str | Path | None = None) -> dict:
+                   genai: str | Path | None = None, long_prompts: str | None = "1024,2048,4096,max") -> dict:
     """The artifact against the dense export at the same static shapes (top-level fields, one held-out batch) and,
     with `baselines`, against what a user would run instead, per length distribution (see baseline_table). `genai`:
     an onnxruntime-genai build folder of the same language model, timed as one more row (genai_baseline.py)."""
@@ -59,12 +59,24 @@ def bench_artifact(path: str | Path, repeats: int = 20, warmup: int = 3, threads
     if target_of(manifest).speech:
         raise UsageError("compress bench does not time speech artifacts yet; benchmarks/whisper.py measures Whisper's "
                          "encoder speed-up and word error rate")
+    lengths = None
+    if long_prompts and manifest["preprocess"].get("kv_policy"):  # checked now, not after minutes of timing
+        from compressor.measure.long_prompt import STEPS, parse_lengths
+
+        lengths = parse_lengths(long_prompts, int(manifest["preprocess"]["max_length"]), STEPS)
     open_session = lambda p: make_session(p, providers, threads, allow_fallback)  # noqa: E731
     step("exporting the dense baseline (cached after the first time)")
     dense_path = dense_export(manifest)
     if target_of(manifest).decoder:
-        return bench_decoder(path, manifest, dense_path, repeats, warmup, threads, step, providers, allow_fallback,
-                             baselines, genai=build)
+        result = bench_decoder(path, manifest, dense_path, repeats, warmup, threads, step, providers, allow_fallback,
+                               baselines, genai=build)
+        if lengths:
+            from compressor.measure.long_prompt import long_prompt_rows
+            from compressor.runtime.lm import CausalLM
+
+            lm = CausalLM(path, manifest, threads=threads, providers=providers, allow_fallback=allow_fallback)
+            result["long_prompt"] = long_prompt_rows(lm, lengths, step=step)
+        return result
     feeds = held_out_batch(path, manifest)
     sessions = {"dense": open_session(dense_path), "compressed": open_session(path / manifest["model_file"])}
     step(f"timing {repeats} interleaved runs per model")

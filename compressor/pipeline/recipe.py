@@ -158,6 +158,7 @@ class ResolvedRecipe:
 
         options = export_options(raw)
         self.target.check_export(options, self.shapes)
+        self.target.check_recipe(self.passes, options)
         self.recipe.deploy = dict(raw)
         return replace(self, options=options)
 
@@ -186,6 +187,7 @@ def resolve_recipe(recipe: Recipe) -> ResolvedRecipe:
     recipe.export = target.check_shapes(recipe.export)
     options = export_options(recipe.deploy)
     target.check_export(options, recipe.export)  # before the passes run
+    target.check_recipe(recipe.passes, options)
     validation = target.validation_config(recipe.validation)
     recipe.validation = asdict(validation)
     recipe.data = resolve_data(recipe.data, target, recipe.passes)

@@ -20,6 +20,7 @@ class ModelHandle:
     history: list[dict] = field(default_factory=list)
     probe_inputs: tuple[torch.Tensor, ...] | None = None
     baseline: object = None  # GraphStats of the model as loaded, set by the first pipeline run
+    kv_policy: dict | None = None  # a language model's KV-cache policy (passes/kv_cache.py), for lowering and runtime
 
     @property
     def target(self):

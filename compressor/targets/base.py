@@ -90,6 +90,15 @@ class Target(ABC):
         if options.buckets:
             raise UsageError(f"[export] buckets apply to text encoders (sequence lengths); this is a {self.modality} model")
 
+    def check_recipe(self, passes, options) -> None:
+        """Refuse passes this kind cannot take, from the recipe alone (before any model loads): a pass that names
+        `decoder_only` (why it needs a language model) on any other kind."""
+        for p in passes:
+            why = getattr(p, "decoder_only", None)
+            if why and not self.decoder:
+                raise UsageError(f"pass '{p.name}' applies to language models ({why}); this recipe's model is "
+                                 f"{self.label}: remove the pass")
+
     def check_passes(self, adapter, passes) -> None:
         """Refuse passes this kind cannot carry into its artifact, before any work (default: the passes' own checks)."""
 

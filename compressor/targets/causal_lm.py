@@ -30,6 +30,23 @@ class CausalLMTarget(SingleGraphTarget):
         ids = calibration_windows(handle.adapter.tokenizer_file, handle.shapes["batch"], handle.shapes["seq_len"], seed=0)
         return prefill_inputs(handle.adapter, ids)
 
+    def check_recipe(self, passes, options) -> None:
+        """A KV-cache policy lives in the fused graph (position_ids, attention probabilities): refuse it with the
+        traced lowering, and a budget of slots the artifact's positions can never fill."""
+        from compressor.lower.optimize import fused_decoder
+
+        super().check_recipe(passes, options)
+        for p in passes:
+            if p.name != "kv_cache":
+                continue
+            if not fused_decoder(options):
+                raise UsageError("pass 'kv_cache' needs the fused decoder lowering (GroupQueryAttention); remove "
+                                 "[export] lowering = \"generic\" / fuse / quantize")
+            budget = p.config.budget
+            if isinstance(budget, int) and budget >= options.max_length:
+                raise UsageError(f"pass 'kv_cache': budget {budget} slots is not below the artifact's context "
+                                 f"([export] max_length = {options.max_length}); lower budget or raise max_length")
+
     def _check_shapes(self, merged: dict) -> dict:
         return check_seq_len(merged)
 
@@ -62,7 +79,7 @@ class CausalLMTarget(SingleGraphTarget):
         stats = graph_stats(capture(handle.program(), handle.example_inputs()))
         fused = fused_decoder(options)
         refusal = fused_refusal(handle.adapter) if fused else None
-        if refusal and options.lowering == "fused":
+        if refusal and (options.lowering == "fused" or handle.kv_policy):
             raise UsageError(f"[export] lowering = \"fused\": {refusal}; use lowering = \"generic\"")
         fused = fused and refusal is None
         if fused:
@@ -104,4 +121,7 @@ class CausalLMTarget(SingleGraphTarget):
         kv = [h for h in ad.kv_heads for _ in range(2)]
         outputs += [{"name": n, "shape": ["batch", kv[i], "total", ad.head_dim], "dtype": "float32"}
                     for i, n in enumerate(decoder_io_names(len(ad.layers))[1][1:])]
+        if handle.kv_policy and handle.kv_policy["scores"]:  # h2o / snapkv read each layer's attention
+            outputs += [{"name": f"attention_probs.{i}", "shape": ["batch", layer.heads, "sequence", "total"],
+                         "dtype": "float32"} for i, layer in enumerate(ad.layers)]
         return outputs

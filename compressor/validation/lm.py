@@ -27,6 +27,12 @@ class LMValidationConfig:
     min_greedy_agreement: float = 0.75  # fraction of prompts whose ONNX greedy continuation equals PyTorch's
     # the same for the shipped graph when it is quantized (int8 activations, rounded codes): 0 = reported only
     min_quantized_agreement: float = 0.0
+    # with a KV-cache policy (passes/kv_cache.py): a held-out prompt of kv_prompt_len tokens (capped by max_length),
+    # the next kv_continuation tokens scored under the policy and under the full cache; 0 = reported only
+    max_kv_perplexity_ratio: float = 0.0
+    kv_prompt_len: int = 2048
+    kv_continuation: int = 128
+    kv_windows: int = 1
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -122,6 +128,13 @@ def validate_lm(handle, lm, reference_adapter, cfg: LMValidationConfig, lowered=
         failures.append(f"the quantized graph's greedy agreement {result['greedy_agreement_quantized']:.2f} < "
                         f"min_quantized_agreement {cfg.min_quantized_agreement} (or try accuracy_level = 0)")
         relax["min_quantized_agreement"] = at_least(result["greedy_agreement_quantized"])
+    if lm.kv_policy is not None:
+        from compressor.validation.kv import validate_kv_policy
+
+        kv = result["kv_policy"] = validate_kv_policy(lm, handle.adapter.tokenizer_file, cfg)
+        if "failure" in kv:
+            failures.append(kv.pop("failure"))
+            relax["max_kv_perplexity_ratio"] = at_most(kv["perplexity_ratio"])
     if relax:
         result["relax"] = relax
     result["passed"] = not failures
