@@ -318,6 +318,9 @@ def test_the_artifact_records_the_policy_and_generates_under_it_torch_free(artif
         for t in range(12):
             d.step(5 + t)
         assert d.L == 16 and d.budget == 16
+        batch = lm.generate_batch([ids[:30], ids], max_new_tokens=5, stop_on_eos=False)  # one prompt at a time
+        assert batch == [lm.generate(ids[:30], max_new_tokens=5, stop_on_eos=False),
+                         lm.generate(ids, max_new_tokens=5, stop_on_eos=False)]
         lp = lm.continuation_logprobs(ids, [7, 8, 9])
         assert lp.shape == (3,) and (lp < 0).all()
         print(len(lm.generate(ids, max_new_tokens=12, stop_on_eos=False)))
