@@ -767,10 +767,19 @@ def markdown(res: dict) -> str:
               "re-synchronises every step and is the stable figure.",
               "- The h2o graph is not bit-identical to the twin: its `qk_output` (attention probabilities out) "
               "changes GroupQueryAttention's kernel path, ~1e-6 per node, amplified through the int8-activation "
-              "4-bit layers (first logits max diff in kv_cache.json speed[].first_logits_maxdiff_vs_twin).",
+              "4-bit layers: the first logits (after the prompt) differ by at most "
+              + ", ".join(f"{r['first_logits_maxdiff_vs_twin']:.2f} at {r['prompt']}" for r in res["speed"]
+                          if "first_logits_maxdiff_vs_twin" in r)
+              + " tokens. (Checked apart from this script: the window graph, position_ids without attention "
+              "probabilities, gives the twin's logits bit for bit.)",
+              "- Round-robin order: each turn runs the twin, the h2o graph's decoders, then the window graph's; the "
+              "first decoder after a session switch (h2o graph full cache, window 512) can pay more than its untimed "
+              "first step (a wide p25-p75), so its speed-up is a lower bound.",
               "- An exact prefill peaks at the full prompt's cache (the h2o/snapkv/window exact rows of the memory "
               "table: peak rows = the prompt) before compacting to the budget; only window's stream prefill stays at "
-              "budget + chunk rows.",
+              "budget + chunk rows. On the h2o graph the prefill also holds every layer's attention probabilities for "
+              "one chunk (layers x heads x 64 x prompt floats, about 270 MiB at 4k for SmolLM2): `finish_prefill` "
+              "frees them (KV MiB after prefill), but the process's peak is reached before, during the prefill.",
               "- Gemma's full cache is the same graph with a never-evicting budget (there is no twin), so its "
               "speed-up is over that. Its window keeps the sinks in every layer, the sliding-window layers "
               "included, which in the model never see a token more than 512 positions back; the prompts start at "
