@@ -69,6 +69,11 @@ class KVBudget:
                             f"(sinks + the recent tokens it always keeps + 1), got {p.budget!r}")
         return p
 
+    @classmethod
+    def keep_all(cls, tokens: int, recent: int | None = None) -> "KVBudget":
+        """The full cache as a budget that never evicts (`recent`: the observation window a fork may ask for)."""
+        return cls("window", tokens + 1, sinks=0, recent=recent)
+
     @property
     def observation(self) -> int:
         """snapkv's observation window: the last prompt tokens whose attention picks the prompt positions."""

@@ -155,7 +155,9 @@ class CausalLM(CompiledModel):
     def policy_decoder(self, prompt_len: int, max_new_tokens: int) -> PolicyDecoder:
         """A batch-1 decoder for a KV-policy graph: the compiled (or set) policy, or with kv_policy = None the
         full cache (a budget that never evicts), on the same graph and code path."""
-        policy = self._kv_policy or KVBudget("window", prompt_len + max_new_tokens + 1, sinks=0)
+        return self._decoder(self._kv_policy or KVBudget.keep_all(prompt_len + max_new_tokens), prompt_len)
+
+    def _decoder(self, policy: KVBudget, prompt_len: int) -> PolicyDecoder:
         return PolicyDecoder(self.session, self._kv_per_block, self.head_dim, policy, prompt_len, self.max_length,
                              int(self._pre.get("min_kv_slots") or 0))
 
@@ -168,12 +170,11 @@ class CausalLM(CompiledModel):
         if not self.positional:
             raise FeedError("forks() needs an artifact compiled with a KV-cache policy (the kv_cache pass)")
         compiled = self._pre.get("kv_policy") or {}
-        resolved = [KVBudget("window", len(ids) + max_new_tokens + 1, sinks=0) if p is None else
-                    KVBudget.from_dict({**compiled, **p}, self._scores) for p in policies]
+        tokens = len(ids) + max_new_tokens
+        resolved = [KVBudget.keep_all(tokens) if p is None else KVBudget.from_dict({**compiled, **p}, self._scores)
+                    for p in policies]
         snap = next((b.observation for b in resolved if b.policy == "snapkv"), None)
-        base = KVBudget("window", len(ids) + max_new_tokens + 1, sinks=0, recent=snap)
-        decoder = PolicyDecoder(self.session, self._kv_per_block, self.head_dim, base, len(ids), self.max_length,
-                                int(self._pre.get("min_kv_slots") or 0))
+        decoder = self._decoder(KVBudget.keep_all(tokens, recent=snap), len(ids))
         logits = decoder.feed_prompt(ids, self.policy_chunk)
         out = []
         for b in resolved:

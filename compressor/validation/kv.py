@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from compressor.runtime.lm import _log_softmax
 from compressor.sources.lm_data import held_out_windows
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64) - x.max()
-    return x - np.log(np.exp(x).sum())
 
 
 def validate_kv_policy(lm, tokenizer_file, cfg) -> dict:
@@ -33,7 +29,7 @@ def validate_kv_policy(lm, tokenizer_file, cfg) -> dict:
         logits = {"full": first, "policy": first}
         for i, token in enumerate(continuation):
             for name, decoder in (("full", full), ("policy", policy)):
-                nll[name] -= float(_log_softmax(logits[name])[token])
+                nll[name] -= float(_log_softmax(logits[name].astype(np.float64))[token])
             agree.append(int(np.argmax(logits["full"])) == int(np.argmax(logits["policy"])))
             if i + 1 < len(continuation):
                 logits = {"full": full.step(token), "policy": policy.step(token)}
